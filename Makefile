@@ -1,0 +1,41 @@
+# Two commands a newcomer types: `make test` and `make demo`. Both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILD_STAMP := $(VENV)/.built
+
+.PHONY: venv build test test-fast test-slow demo bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch first and alone, pinned: the CPU wheel these machines carry; never a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(BUILD_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(BUILD_STAMP)
+
+build: $(BUILD_STAMP)
+
+test: build
+	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m slow tests
+
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: build
+	$(PY) -m lape_kernels.cli demo
+
+bench: build
+	$(PY) benchmarks/bench_collect.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf build *.egg-info lape_kernels/*.so $(VENV)

@@ -1,0 +1,508 @@
+"""LAPE statistics collection: our fused counting vs the LAPE reference's hook approach.
+
+One process, one set of weights shared by three module trees (so every variant reads the same
+memory), variants interleaved repeat by repeat (order rotated), medians and spread reported:
+
+  plain      unpatched forward (no counting): the floor
+  hooks      unpatched + forward hook on each act_fn doing ``(act.float() > 0).sum(0)`` into a
+             per-layer int64 accumulator (the LAPE reference's approach)
+  record     patched model inside ``lape_kernels.record`` (fused act_mul_count; also act_sum)
+  record+mask  the same with a 2-D attention_mask (padding-aware path)
+  patched    patched model, not recording (fused act_mul only)
+
+Sections: ``model`` (decoder body forward, no LM head, under no_grad), ``mlp`` (one layer's MLP
+at T tokens) and ``elementwise`` (just act(gate)*up [+ counting] on precomputed gate/up), to
+isolate kernel effects.
+
+    python benchmarks/bench_collect.py                                  # CPU, SmolLM2-135M shape
+    python benchmarks/bench_collect.py --device cuda --shape llama-3.1-8b --dtype bf16 --out bench_out
+    python benchmarks/bench_collect.py --device cuda --backend both     # CUDA C++ vs Triton kernels
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="model shape (default: smollm2-135m on cpu, llama-3.1-8b on cuda)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp32 on cpu, bf16 on cuda")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: all on cpu, 4 on cuda)")
+    p.add_argument("--batch", type=int, default=None, help="default 2 on cpu, 8 on cuda")
+    p.add_argument("--seq", type=int, default=None, help="default 512 on cpu, 2048 on cuda")
+    p.add_argument("--mlp-tokens", type=int, default=2048, help="tokens for the MLP-only sections")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 7 cpu, 20 cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per variant first (default 1 cpu, 3 cuda)")
+    p.add_argument("--sections", default="model,mlp,elementwise", help="comma list of model,mlp,elementwise")
+    p.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "both"),
+                   help="CUDA kernels for the patched variants: the C++ CUDA ones, Triton, or both side by side")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for results.md, results.csv, results.png")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.shape = args.shape or ("llama-3.1-8b" if cuda else "smollm2-135m")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch = args.batch or (8 if cuda else 2)
+    args.seq = args.seq or (2048 if cuda else 512)
+    args.repeats = args.repeats or (20 if cuda else 7)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    if args.layers is None:
+        args.layers = 4 if cuda else SHAPES[args.shape][2]
+    for name in ("batch", "seq", "repeats", "layers", "mlp_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in args.sections if s not in ("model", "mlp", "elementwise")]
+    if bad:
+        p.error(f"unknown sections {bad}")
+    return args
+
+
+# ------------------------------------------------------------------------------------ timing --
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        """Seconds for one call of ``fn`` (device-synchronised)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+@dataclass
+class Result:
+    section: str
+    variant: str
+    times: List[float] = field(default_factory=list)
+    error: Optional[str] = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+    def quantile(self, q: float) -> float:
+        if not self.times:
+            return math.nan
+        s = sorted(self.times)
+        pos = q * (len(s) - 1)
+        lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def run_interleaved(section: str, variants: Dict[str, Callable[[], None]], timer: Timer, repeats: int,
+                    warmup: int) -> Dict[str, Result]:
+    """Warm every variant up, then time them round-robin (order rotated each repeat)."""
+    results = {name: Result(section, name) for name in variants}
+    live = dict(variants)
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as exc:  # keep the other variants (a blind GPU run must finish)
+            results[name].error = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            del live[name]
+    names = list(live)
+    for r in range(repeats):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            try:
+                results[name].times.append(timer(live[name]))
+            except Exception as exc:
+                results[name].error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+                names = [n for n in names if n != name]
+                break
+        print(f"  [{section}] repeat {r + 1}/{repeats}: " + ", ".join(
+            f"{n} {results[n].times[-1] * 1e3:.1f} ms" for n in names if results[n].times), flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------ models --
+
+
+def build_body(args, device: torch.device):
+    """A randomly initialised decoder body (``LlamaModel``: no LM head) of the chosen shape."""
+    from transformers import LlamaConfig, LlamaModel
+
+    hidden, inter, _, heads, kv, vocab = SHAPES[args.shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=max(2048, args.seq), hidden_act="silu")
+    config._attn_implementation = args.attn
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        body = LlamaModel(config)
+    body = body.to(DTYPES[args.dtype]).eval()
+    body.requires_grad_(False)
+    # O(1) gates: a mix of signs per neuron like a trained model (HF's 0.02 init gives tiny ones)
+    with torch.no_grad():
+        for layer in body.layers:
+            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.weight.normal_(0.0, 1.0 / math.sqrt(lin.weight.shape[1]))
+    return body
+
+
+def shell(body):
+    """Another module tree over the very same parameter and buffer tensors (patched independently)."""
+    memo = {id(t): t for t in list(body.parameters()) + list(body.buffers())}
+    return copy.deepcopy(body, memo)
+
+
+class HookCounter:
+    """The LAPE reference's approach: a forward hook on each act_fn counting act > 0 per layer."""
+
+    def __init__(self, body):
+        inter = body.config.intermediate_size
+        dev = next(body.parameters()).device
+        self.over_zero = torch.zeros(len(body.layers), inter, dtype=torch.int64, device=dev)
+        self.handles = [layer.mlp.act_fn.register_forward_hook(self._hook(i)) for i, layer in enumerate(body.layers)]
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            act = output.reshape(-1, output.shape[-1])
+            self.over_zero[index] += (act.float() > 0).sum(0)
+
+        return hook
+
+
+class BenchRecorder:
+    """Minimal recorder (the ``mlp._lape.recorder`` protocol) for the MLP-only section."""
+
+    def __init__(self, inter: int, device):
+        self.over_zero = torch.zeros(1, inter, dtype=torch.int64, device=device)
+        self.act_sum = torch.zeros(1, inter, dtype=torch.float64, device=device)
+
+    def token_lang(self, num_tokens, device):
+        return None, 1
+
+    def accumulate(self, layer_index, over_zero, act_sum):
+        self.over_zero.add_(over_zero)
+        self.act_sum.add_(act_sum)
+
+
+# ----------------------------------------------------------------------------------- sections --
+
+
+def backends_for(args, device: torch.device) -> List[str]:
+    """Which kernel backends the patched variants run on ([''] on CPU)."""
+    if device.type != "cuda":
+        return [""]
+    from lape_kernels import ops
+
+    have_cpp = ops._HAS_CUDA_CPP
+    if args.backend == "both":
+        return (["cuda"] if have_cpp else []) + ["triton"]
+    if args.backend == "auto":
+        return [ops.current_cuda_backend()]
+    if args.backend == "cuda" and not have_cpp:
+        print("warning: CUDA C++ kernels not compiled in; using triton", file=sys.stderr)
+        return ["triton"]
+    return [args.backend]
+
+
+def with_backend(fn: Callable[[], None], backend: str) -> Callable[[], None]:
+    if not backend:
+        return fn
+    from lape_kernels import ops
+
+    def run():
+        if ops.current_cuda_backend() != backend:
+            ops.use_cuda_backend(backend)
+        fn()
+
+    return run
+
+
+def suffix(backend: str) -> str:
+    return f"[{backend}]" if backend else ""
+
+
+def section_model(args, device, timer, notes: List[str]) -> Dict[str, Result]:
+    import lape_kernels
+    from lape_kernels import patching
+
+    body_plain = build_body(args, device)
+    body_hooks = shell(body_plain)
+    body_patched = shell(body_plain)
+    counter = HookCounter(body_hooks)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, body_plain.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    mask = torch.ones(args.batch, args.seq, dtype=torch.int64, device=device)
+    backends = backends_for(args, device)
+
+    variants: Dict[str, Callable[[], None]] = {
+        "plain": lambda: body_plain(input_ids=ids),
+        "hooks": lambda: body_hooks(input_ids=ids),
+    }
+    patching.patch(body_patched, chunked_loss=False)
+    with torch.no_grad(), lape_kernels.record(body_patched) as stats:
+        for be in backends:
+            variants["record" + suffix(be)] = with_backend(lambda: body_patched(input_ids=ids), be)
+        variants["record+mask" + suffix(backends[0])] = with_backend(
+            lambda: body_patched(input_ids=ids, attention_mask=mask), backends[0])
+        results = run_interleaved("model", variants, timer, args.repeats, args.warmup)
+    # the recorded counts must be the hook counts (same forwards, same number of them)
+    runs_rec = sum(len(r.times) + args.warmup for n, r in results.items() if n.startswith("record") and not r.error)
+    runs_hook = len(results["hooks"].times) + args.warmup
+    if runs_rec and runs_hook and not results["hooks"].error:
+        a = stats.over_zero.double() / runs_rec
+        b = counter.over_zero.cpu().double() / runs_hook
+        tokens = args.batch * args.seq
+        mismatch = float((a - b).abs().sum()) / (tokens * a.numel())
+        exact = bool(torch.equal(a, b))
+        notes.append(f"model: record vs hook counts per forward: {'bit-identical' if exact else 'differ'} "
+                     f"(mismatch fraction {mismatch:.2e} of token-neuron pairs"
+                     + ("; bf16/fp16: HF rounds act before the product, the ops round once" if args.dtype != "fp32" else "")
+                     + ")")
+        notes.append(f"model: mean activation probability {float(a.mean()) / tokens:.3f}")
+    del body_plain, body_hooks, body_patched
+    return results
+
+
+def section_mlp(args, device, timer, notes: List[str]) -> Dict[str, Result]:
+    from lape_kernels import patching
+
+    one = argparse.Namespace(**{**vars(args), "layers": 1})
+    body = build_body(one, device)
+    mlp = body.layers[0].mlp
+    patched_body = shell(body)
+    patching.patch(patched_body, chunked_loss=False)
+    pmlp = patched_body.layers[0].mlp
+    inter = body.config.intermediate_size
+    counter_acc = torch.zeros(inter, dtype=torch.int64, device=device)
+
+    def hook(module, inputs, output):
+        counter_acc.add_((output.reshape(-1, inter).float() > 0).sum(0))
+
+    hooked = copy.copy(mlp)  # shares submodules; hook goes on a separate act_fn instance
+    hooked._modules = dict(mlp._modules)
+    hooked.act_fn = copy.deepcopy(mlp.act_fn)
+    hooked.act_fn.register_forward_hook(hook)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(1, args.mlp_tokens, body.config.hidden_size, generator=g).to(device, DTYPES[args.dtype])
+    rec = BenchRecorder(inter, device)
+
+    def recording():
+        pmlp._lape.recorder = rec
+        try:
+            pmlp(x)
+        finally:
+            pmlp._lape.recorder = None
+
+    variants: Dict[str, Callable[[], None]] = {"plain": lambda: mlp(x), "hooks": lambda: hooked(x)}
+    for be in backends_for(args, device):
+        variants["record" + suffix(be)] = with_backend(recording, be)
+        variants["patched" + suffix(be)] = with_backend(lambda: pmlp(x), be)
+    with torch.no_grad():
+        return run_interleaved("mlp", variants, timer, args.repeats, args.warmup)
+
+
+def section_elementwise(args, device, timer, notes: List[str]) -> Dict[str, Result]:
+    from lape_kernels import ops
+
+    _, inter, *_ = SHAPES[args.shape]
+    g = torch.Generator().manual_seed(args.seed + 2)
+    dt = DTYPES[args.dtype]
+    gate = torch.randn(args.mlp_tokens, inter, generator=g).to(device, dt)
+    up = torch.randn(args.mlp_tokens, inter, generator=g).to(device, dt)
+    acc = torch.zeros(inter, dtype=torch.int64, device=device)
+    acc_oz = torch.zeros(1, inter, dtype=torch.int64, device=device)
+    acc_sum = torch.zeros(1, inter, dtype=torch.float64, device=device)
+
+    def hooks():
+        a = F.silu(gate)
+        acc.add_((a.float() > 0).sum(0))
+        return a * up
+
+    def fused_count():
+        out, oz, s = ops.act_mul_count(gate, up, "silu", None, 1)
+        acc_oz.add_(oz)
+        acc_sum.add_(s)
+
+    variants: Dict[str, Callable[[], None]] = {"plain": lambda: F.silu(gate) * up, "hooks": hooks}
+    for be in backends_for(args, device):
+        variants["record" + suffix(be)] = with_backend(fused_count, be)
+        variants["patched" + suffix(be)] = with_backend(lambda: ops.act_mul(gate, up, "silu"), be)
+    with torch.no_grad():
+        return run_interleaved("elementwise", variants, timer, args.repeats, args.warmup)
+
+
+# ----------------------------------------------------------------------------------- reporting --
+
+
+def ratio_lines(results: Dict[str, Result]) -> List[str]:
+    lines = []
+    plain, hooks = results.get("plain"), results.get("hooks")
+    for name, r in results.items():
+        if not name.startswith("record") or r.error or not r.times:
+            continue
+        if plain is not None and plain.times:
+            lines.append(f"{name}/plain = {r.median / plain.median:.3f}x "
+                         f"(range {r.quantile(0) / plain.quantile(1):.3f}-{r.quantile(1) / plain.quantile(0):.3f})")
+        if hooks is not None and hooks.times:
+            lines.append(f"hooks/{name} = {hooks.median / r.median:.3f}x "
+                         f"(range {hooks.quantile(0) / r.quantile(1):.3f}-{hooks.quantile(1) / r.quantile(0):.3f})")
+    return lines
+
+
+def environment(args, device) -> Dict[str, str]:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+    }
+    try:
+        from lape_kernels import ops
+
+        env["cpu_kernels"] = ops.cpu_kernels
+        if device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(device)
+            env["cuda_cpp_kernels"] = str(ops._HAS_CUDA_CPP)
+    except Exception as exc:  # pragma: no cover
+        env["ops"] = f"unavailable: {exc}"
+    return env
+
+
+def write_outputs(out: Path, args, env, all_results: Dict[str, Dict[str, Result]], notes: List[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    hidden, inter, *_ = SHAPES[args.shape]
+    tokens = {"model": args.batch * args.seq, "mlp": args.mlp_tokens, "elementwise": args.mlp_tokens}
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["section", "variant", "device", "dtype", "shape", "layers", "tokens", "repeats", "median_ms",
+                    "p25_ms", "p75_ms", "min_ms", "max_ms", "tokens_per_s", "error"])
+        for section, results in all_results.items():
+            for r in results.values():
+                ms = lambda v: f"{v * 1e3:.4f}" if not math.isnan(v) else ""
+                tps = f"{tokens[section] / r.median:.1f}" if r.times else ""
+                w.writerow([section, r.variant, args.device, args.dtype, args.shape,
+                            args.layers if section == "model" else 1, tokens[section], len(r.times), ms(r.median),
+                            ms(r.quantile(0.25)), ms(r.quantile(0.75)), ms(r.quantile(0)), ms(r.quantile(1)), tps,
+                            r.error or ""])
+    lines = [f"# bench_collect: {args.shape} ({hidden}/{inter}), {args.dtype}, {args.device}", "",
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+             f"model: {args.layers} layers, batch {args.batch} x seq {args.seq}, decoder body only, no_grad, "
+             f"attention {args.attn}; mlp/elementwise: {args.mlp_tokens} tokens. {args.repeats} interleaved repeats "
+             f"after {args.warmup} warm-up run(s) each; times in ms.", ""]
+    for section, results in all_results.items():
+        lines += [f"## {section}", "", "| variant | median | p25 | p75 | min | max | tokens/s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in results.values():
+            if r.error and not r.times:
+                lines.append(f"| {r.variant} | failed: {r.error} | | | | | |")
+                continue
+            lines.append(f"| {r.variant} | {r.median * 1e3:.2f} | {r.quantile(.25) * 1e3:.2f} | "
+                         f"{r.quantile(.75) * 1e3:.2f} | {r.quantile(0) * 1e3:.2f} | {r.quantile(1) * 1e3:.2f} | "
+                         f"{tokens[section] / r.median:,.0f} |")
+        lines += [""] + [f"- {l}" for l in ratio_lines(results)] + [""]
+    if notes:
+        lines += ["## notes", ""] + [f"- {n}" for n in notes] + [""]
+    (out / "results.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(all_results), figsize=(5 * len(all_results), 4), squeeze=False)
+        for ax, (section, results) in zip(axes[0], all_results.items()):
+            rs = [r for r in results.values() if r.times]
+            med = [r.median * 1e3 for r in rs]
+            err = [[m - r.quantile(0) * 1e3 for m, r in zip(med, rs)], [r.quantile(1) * 1e3 - m for m, r in zip(med, rs)]]
+            ax.bar([r.variant for r in rs], med, yerr=err, capsize=4, color="#4c72b0")
+            ax.set_title(section)
+            ax.set_ylabel("ms (median, min-max)")
+            ax.tick_params(axis="x", rotation=30)
+        fig.suptitle(f"{args.shape} {args.dtype} {args.device}")
+        fig.tight_layout()
+        fig.savefig(out / "results.png", dpi=120)
+        plt.close(fig)
+    except Exception as exc:  # the numbers matter more than the picture
+        print(f"warning: no chart ({exc})", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch has no CUDA device", file=sys.stderr)
+        return 2
+    import lape_kernels.ops  # noqa: F401  (fail early, with the build hint, if the extension is missing)
+
+    env = environment(args, device)
+    print("environment:", env, flush=True)
+    timer = Timer(device)
+    notes: List[str] = []
+    all_results: Dict[str, Dict[str, Result]] = {}
+    sections = {"model": section_model, "mlp": section_mlp, "elementwise": section_elementwise}
+    for name in args.sections:
+        print(f"== {name}", flush=True)
+        try:
+            all_results[name] = sections[name](args, device, timer, notes)
+        except Exception as exc:
+            traceback.print_exc()
+            notes.append(f"{name}: failed: {type(exc).__name__}: {exc}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    for section, results in all_results.items():
+        print(f"[{section}]")
+        for r in results.values():
+            if r.times:
+                print(f"  {r.variant:>22}: median {r.median * 1e3:9.2f} ms  "
+                      f"(min {r.quantile(0) * 1e3:.2f}, max {r.quantile(1) * 1e3:.2f}, n={len(r.times)})")
+            if r.error:
+                print(f"  {r.variant:>22}: FAILED {r.error}")
+        for line in ratio_lines(results):
+            print("  " + line)
+    for n in notes:
+        print("note:", n)
+    if args.out:
+        write_outputs(Path(args.out), args, env, all_results, notes)
+        print(f"wrote {args.out}/results.md, results.csv, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

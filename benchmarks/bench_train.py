@@ -1,0 +1,444 @@
+"""Training-step memory and speed: sparse neuron fine-tuning (ours) against the alternatives.
+
+Each configuration runs in its OWN subprocess (so peak memory is that configuration's alone),
+on the same random-init model shape, the same batch and the same neurons:
+
+    full    full fine-tuning (every parameter, AdamW)
+    ffn     FFN-only fine-tuning (every MLP weight)
+    paper   the paper's slice training: every forward clones each full MLP weight, scatters the
+            trainable slices in and runs dense autograd (dense dW), AdamW on the slices
+    lora    PEFT LoRA r=32 on gate/up/down
+    ours    lape_kernels.patch(model, neurons=...): sparse MLP autograd + chunked LM loss
+    ours-hfloss  (ablation, not in the default set) ours with HF's standard loss
+
+Peak memory: CPU = peak RSS of the worker during the measured steps (VmHWM reset after
+warm-up); CUDA = torch.cuda.max_memory_allocated. Step time = median over the measured steps of
+forward + backward + optimizer step. Results: a table on stdout and markdown + CSV + PNG in
+--out (default reports/bench_train).
+
+    python benchmarks/bench_train.py                       # CPU, SmolLM2-135M shape, fp32, 1x512
+    python benchmarks/bench_train.py --device cuda --shape llama-3.1-8b --seq 4096 --dtype bf16 \\
+        --masks /work/shared/data/released-masks/llama-3.1-5 --language mt
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHAPES: Dict[str, Dict[str, Any]] = {
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
+    # for smoke tests of this script
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False, max_position_embeddings=2048),
+}
+CONFIGS = ["full", "ffn", "paper", "lora", "ours"]
+ALL_CONFIGS = CONFIGS + ["ours-hfloss"]
+# language order of the released LAPE masks (see /work/shared/data/released-masks/README.md)
+RELEASED_LANGUAGES = ["mt", "af", "is", "cy", "mk", "lv", "lt", "sl", "sk", "et", "ka", "ne"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# ----------------------------------------------------------------------------- model + configs
+
+
+def build_model(shape: str, device: str, dtype_name: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    dtype = getattr(torch, DTYPES[dtype_name])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    model.config.use_cache = False
+    return model.train()
+
+
+def select_neurons(model, args) -> List[Any]:
+    """Per-layer int64 index tensors: a released mask (--masks/--language) or random --frac."""
+    import torch
+
+    L = model.config.num_hidden_layers
+    inter = model.config.intermediate_size
+    if args.masks:
+        from lape_kernels.neurons import NeuronSet
+
+        ns = NeuronSet.load(args.masks, languages=RELEASED_LANGUAGES, intermediate_size=inter)
+        ns.validate(model)
+        return ns[args.language]
+    g = torch.Generator().manual_seed(1)
+    k = max(1, round(args.frac * inter))
+    return [torch.randperm(inter, generator=g)[:k].sort().values for _ in range(L)]
+
+
+def _paper_setup(model, neurons):
+    """The paper's slice training: W_eff = W.clone() with the trainable slices scattered in, on
+    every forward (a parametrization), dense autograd through W_eff."""
+    import torch
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    class ScatterSlice(nn.Module):
+        def __init__(self, sel, init, dim):
+            super().__init__()
+            self.register_buffer("sel", sel)
+            self.slice = nn.Parameter(init)
+            self.dim = dim
+
+        def forward(self, w):
+            return w.index_copy(self.dim, self.sel, self.slice)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for layer, sel in zip(model.model.layers, neurons):
+        if sel.numel() == 0:
+            continue
+        mlp = layer.mlp
+        sel = sel.to(mlp.gate_proj.weight.device)
+        for lin, dim in ((mlp.gate_proj, 0), (mlp.up_proj, 0), (mlp.down_proj, 1)):
+            init = lin.weight.detach().index_select(dim, sel).clone()
+            mod = ScatterSlice(sel, init, dim)
+            parametrize.register_parametrization(lin, "weight", mod, unsafe=True)
+            params.append(mod.slice)
+    return params
+
+
+def setup(config: str, model, neurons, args):
+    """Make ``model`` trainable the way ``config`` says; returns (model, trainable params)."""
+    import lape_kernels
+
+    if config == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, [p for p in model.parameters()]
+    if config == "ffn":
+        for n, p in model.named_parameters():
+            p.requires_grad_(".mlp." in n)
+        return model, [p for p in model.parameters() if p.requires_grad]
+    if config == "paper":
+        return model, _paper_setup(model, neurons)
+    if config == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                          target_modules=["gate_proj", "up_proj", "down_proj"], bias="none")
+        model = get_peft_model(model, lcfg)
+        return model, [p for p in model.parameters() if p.requires_grad]
+    if config in ("ours", "ours-hfloss"):
+        from lape_kernels.training import install_chunked_loss, trainable_parameters
+
+        lape_kernels.patch(model, neurons=neurons, chunked_loss=(config == "ours"))
+        if config == "ours" and args.chunk_size:
+            install_chunked_loss(model, chunk_size=args.chunk_size)
+        return model, trainable_parameters(model)
+    raise ValueError(f"unknown config {config!r}; known: {ALL_CONFIGS}")
+
+
+# ----------------------------------------------------------------------------- memory probes
+
+
+def _vm(field: str) -> int:
+    """A /proc/self/status field in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) * 1024 if m else -1
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def run_worker(config: str, args) -> Dict[str, Any]:
+    import torch
+
+    device = args.device
+    cuda = device.startswith("cuda")
+    res: Dict[str, Any] = {"config": config, "status": "ok"}
+    try:
+        t_build = time.perf_counter()
+        model = build_model(args.shape, device, args.dtype)
+        neurons = select_neurons(model, args)
+        res["neurons"] = int(sum(int(t.numel()) for t in neurons))
+        model, params = setup(config, model, neurons, args)
+        res["trainable_params"] = int(sum(p.numel() for p in params))
+        res["build_s"] = round(time.perf_counter() - t_build, 2)
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+        g = torch.Generator().manual_seed(123)
+        V = model.config.vocab_size if hasattr(model, "config") else SHAPES[args.shape]["vocab_size"]
+        ids = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+        res["rss_before_mb"] = round(_vm("VmRSS") / 2**20, 1)
+        if cuda:
+            res["allocated_before_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+
+        times, losses = [], []
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                gc.collect()
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    _reset_peak_rss()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            losses.append(float(loss.detach()))
+            if step >= args.warmup:
+                times.append(dt)
+        times.sort()
+        med = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+        res["step_s"] = med
+        res["tokens_per_s"] = args.batch * args.seq / med
+        res["loss_first"], res["loss_last"] = losses[0], losses[-1]
+        if cuda:
+            res["peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            res["peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        else:
+            res["peak_mb"] = round(_vm("VmHWM") / 2**20, 1)
+    except torch.OutOfMemoryError as e:
+        res = {"config": config, "status": "OOM", "error": str(e).splitlines()[0][:200]}
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            res = {"config": config, "status": "OOM", "error": str(e).splitlines()[0][:200]}
+        else:
+            raise
+    return res
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def _worker_cmd(config: str, args, out_json: str) -> List[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--worker-out", out_json,
+           "--device", args.device, "--shape", args.shape, "--seq", str(args.seq), "--batch", str(args.batch),
+           "--dtype", args.dtype, "--frac", str(args.frac), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--lora-r", str(args.lora_r)]
+    if args.masks:
+        cmd += ["--masks", args.masks, "--language", args.language]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    return cmd
+
+
+def run_all(args) -> List[Dict[str, Any]]:
+    results = []
+    for config in args.configs:
+        print(f"[bench_train] {config} ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            out_json = os.path.join(tmp, "result.json")
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(_worker_cmd(config, args, out_json), capture_output=True, text=True,
+                                      timeout=args.timeout)
+                if os.path.exists(out_json):
+                    with open(out_json) as f:
+                        res = json.load(f)
+                elif proc.returncode in (-9, 137):
+                    res = {"config": config, "status": "OOM", "error": "worker killed (SIGKILL: out of host memory?)"}
+                else:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                    res = {"config": config, "status": "error", "error": " | ".join(tail)[:300]}
+            except subprocess.TimeoutExpired:
+                res = {"config": config, "status": "timeout", "error": f"exceeded {args.timeout}s"}
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[bench_train] {config}: {_short(res)}", flush=True)
+        results.append(res)
+    return results
+
+
+def _short(r: Dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return f"{r.get('status')} ({r.get('error', '')})"
+    return f"peak {r['peak_mb']:.0f} MiB, step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s"
+
+
+def _ratio(r, ref, key):
+    if ref is None or r.get("status") != "ok" or ref.get("status") != "ok":
+        return None
+    return r[key] / ref[key]
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def report(results: List[Dict[str, Any]], args, meta: Dict[str, Any]) -> str:
+    by = {r["config"]: r for r in results}
+    full = by.get("full") if by.get("full", {}).get("status") == "ok" else None
+    lora = by.get("lora") if by.get("lora", {}).get("status") == "ok" else None
+    mem_unit = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS"
+    lines = [
+        f"# Training step: memory and speed ({args.shape}, {args.device}, {args.dtype}, batch {args.batch}x{args.seq})",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in meta.items()),
+        "",
+        f"Peak memory = {mem_unit} during the measured steps; step = median of {args.steps} steps "
+        f"(forward + backward + AdamW) after {args.warmup} warm-up steps; each configuration in its own process.",
+        "",
+        "| config | status | trainable params | peak MiB | step s | tokens/s | mem vs full | time vs full | mem vs LoRA | time vs LoRA |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        ok = r.get("status") == "ok"
+        lines.append(
+            f"| {r['config']} | {r['status'] if ok else r['status'] + ': ' + r.get('error', '')[:60]} | "
+            f"{_fmt(r.get('trainable_params'), ',')} | {_fmt(r.get('peak_mb') if ok else None, '.0f')} | "
+            f"{_fmt(r.get('step_s') if ok else None, '.3f')} | {_fmt(r.get('tokens_per_s') if ok else None, '.0f')} | "
+            f"{_fmt(_ratio(r, full, 'peak_mb'), '.3f')} | {_fmt(_ratio(r, full, 'step_s'), '.3f')} | "
+            f"{_fmt(_ratio(r, lora, 'peak_mb'), '.3f')} | {_fmt(_ratio(r, lora, 'step_s'), '.3f')} |"
+        )
+    ours = by.get("ours") if by.get("ours", {}).get("status") == "ok" else None
+    paper = by.get("paper") if by.get("paper", {}).get("status") == "ok" else None
+    checks = []
+    if ours and full:
+        m, t = ours["peak_mb"] / full["peak_mb"], ours["step_s"] / full["step_s"]
+        checks.append(f"- ours peak memory {m:.3f}x full FT (target <= 0.45x): {'PASS' if m <= 0.45 else 'FAIL'}")
+        checks.append(f"- ours step time {t:.3f}x full FT (target <= 0.5x): {'PASS' if t <= 0.5 else 'FAIL'}")
+    if ours and paper:
+        checks.append(f"- ours vs paper's slice training: memory {ours['peak_mb'] / paper['peak_mb']:.3f}x, "
+                      f"time {ours['step_s'] / paper['step_s']:.3f}x (target < 1 on both): "
+                      f"{'PASS' if ours['peak_mb'] < paper['peak_mb'] and ours['step_s'] < paper['step_s'] else 'FAIL'}")
+    if checks:
+        lines += ["", "Targets:", ""] + checks
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results, args, meta) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = report(results, args, meta)
+    (out / "bench_train.md").write_text(md)
+    keys = ["config", "status", "trainable_params", "neurons", "peak_mb", "peak_reserved_mb", "step_s",
+            "tokens_per_s", "rss_before_mb", "allocated_before_mb", "loss_first", "loss_last", "build_s", "wall_s", "error"]
+    with open(out / "bench_train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow(r)
+    (out / "bench_train.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    try:
+        _plot(results, args, out / "bench_train.png")
+    except Exception as e:  # the numbers matter more than the picture
+        print(f"[bench_train] plot failed: {e}", file=sys.stderr)
+    return out
+
+
+def _plot(results, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["config"] for r in results]
+    ok = [r.get("status") == "ok" for r in results]
+    mem = [r["peak_mb"] / 1024 if o else 0.0 for r, o in zip(results, ok)]
+    tps = [r["tokens_per_s"] if o else 0.0 for r, o in zip(results, ok)]
+    colors = ["tab:green" if n.startswith("ours") else "tab:gray" for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, vals, title in ((axes[0], mem, "peak memory (GiB)"), (axes[1], tps, "tokens / s")):
+        bars = ax.bar(names, vals, color=colors)
+        for b, o, r in zip(bars, ok, results):
+            if not o:
+                ax.text(b.get_x() + b.get_width() / 2, 0, r.get("status", "?"), ha="center", va="bottom",
+                        rotation=90, color="tab:red")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{args.shape} {args.device} {args.dtype} batch {args.batch}x{args.seq}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--frac", type=float, default=0.01, help="random neurons per layer (fraction of intermediate)")
+    p.add_argument("--masks", default=None, help="released LAPE mask file (reference format) instead of random")
+    p.add_argument("--language", default="mt")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {ALL_CONFIGS}")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=None, help="chunked-loss tokens per chunk (default: automatic)")
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per configuration")
+    p.add_argument("--out", default=str(ROOT / "reports" / "bench_train"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in args.configs if c not in ALL_CONFIGS]
+    if bad:
+        p.error(f"unknown configs {bad}; known: {ALL_CONFIGS}")
+    if args.masks and not Path(args.masks).exists():
+        p.error(f"--masks {args.masks} does not exist")
+
+    if args.worker:
+        res = run_worker(args.worker, args)
+        with open(args.worker_out, "w") as f:
+            json.dump(res, f)
+        return 0
+
+    import torch
+
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "neurons": f"{args.masks} [{args.language}]" if args.masks else f"random {args.frac:.2%} per layer"}
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    elif args.device.startswith("cuda"):
+        print("[bench_train] --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    results = run_all(args)
+    out = write_outputs(results, args, meta)
+    print()
+    print(report(results, args, meta))
+    print(f"[bench_train] wrote {out}/bench_train.md, .csv, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

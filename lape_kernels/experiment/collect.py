@@ -1,0 +1,258 @@
+"""``collect``: LAPE activation statistics per language; ``identify``: neuron sets from them.
+
+Why packing and the decoder body: LAPE only needs the MLP activations, so the LM head (the
+largest matmul of a small multilingual model: 262k x 640 for Gemma-3-270M) is never run, and
+fixed-length packed sequences waste nothing on padding.
+
+Resumability: each language's running totals are saved every ``save_every`` batches in
+``.<STATS_DIR>.partial/<lang>.safetensors`` with ``meta["sequences_done"]``; a rerun with the same
+settings continues after the sequences already counted. The finished directory (a
+``StatsByLanguage``: ``index.json`` + one file per language) appears only at the end.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .common import (
+    ExperimentError,
+    config_hash,
+    corpus_texts,
+    dtype_name,
+    dumps,
+    load_corpus,
+    load_model,
+    now,
+    one_line,
+    pack,
+    parse_device,
+    parse_dtype,
+    partial_path,
+    progress,
+    read_json,
+    remove_path,
+    _publish,
+)
+
+__all__ = ["collect", "load_stats", "identify_neurons", "STATS_INDEX"]
+
+STATS_INDEX = "index.json"
+
+
+def _stem(lang: str, i: int) -> str:
+    from ..stats import _safe_file_stem
+
+    return _safe_file_stem(lang, i)
+
+
+def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[str] = None, tokens: int = 100_000,
+            seq_len: int = 512, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
+            save_every: int = 20, cache_dir: Optional[str] = None, overwrite: bool = False,
+            quiet: bool = False) -> Dict[str, Any]:
+    """Count, per language, how often each MLP neuron fires on up to ``tokens`` training tokens.
+
+    Returns ``{"out": path, "languages": ..., "tokens": {lang: n}, "seconds": s}``.
+    """
+    from .. import patching
+    from ..stats import ActivationStats, StatsByLanguage, record
+
+    languages = list(languages)
+    if tokens <= 0 or seq_len < 2 or batch_size <= 0 or save_every <= 0:
+        raise ExperimentError("--tokens, --batch-size and --save-every must be positive and --seq-len >= 2")
+    out_path = Path(out)
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
+    corpus = load_corpus(data, languages, cache_dir=cache_dir)
+    settings = {"model": model, "data": data or "builtin", "languages": languages, "tokens": tokens,
+                "seq_len": seq_len, "dtype": dtype_name(dt)}
+    digest = config_hash(settings)
+    index = out_path / STATS_INDEX
+    if index.exists():
+        meta = read_json(index)
+        if meta.get("collect", {}).get("config_hash") == digest:  # same settings: same counts
+            if not quiet:
+                print(f"{out_path}: already complete (same settings); nothing to do", file=sys.stderr)
+            return {"out": str(out_path), "languages": languages, "tokens": meta.get("collect", {}).get("tokens"),
+                    "seconds": 0.0, "cached": True}
+    if index.exists() and not overwrite:
+        raise ExperimentError(f"{out_path} exists (collected with other settings); pass --overwrite to replace it")
+    if out_path.exists() and not overwrite:
+        raise ExperimentError(f"{out_path} exists and is not a finished collection; pass --overwrite to replace it")
+
+    model_obj, tokenizer = load_model(model, dt, dev, cache_dir)
+    packed = {lang: pack(tokenizer, corpus_texts(corpus, lang, "train"), seq_len, max_tokens=tokens,
+                         what=f"language {lang!r} train split") for lang in languages}
+    hidden = getattr(patching.text_config(model_obj), "hidden_size", None)
+
+    partial = partial_path(out_path)
+    if partial.exists():
+        prev = partial / "config.json"
+        if not (prev.exists() and read_json(prev).get("config_hash") == digest):
+            if not overwrite:
+                raise ExperimentError(f"{partial} holds an interrupted collection with other settings; remove it "
+                                      f"or pass --overwrite")
+            remove_path(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "config.json").write_text(dumps({"config_hash": digest, "settings": settings}))
+
+    patching.patch(model_obj, chunked_loss=False)
+    body = patching.decoder_body(model_obj)
+    total_tokens = sum(int(v.numel()) for v in packed.values())
+    done_tokens = 0
+    results: Dict[str, ActivationStats] = {}
+    resumed: Dict[str, int] = {}
+    for i, lang in enumerate(languages):
+        f = partial / f"{_stem(lang, i)}.safetensors"
+        if f.exists():
+            s = ActivationStats.load(f)
+            results[lang] = s
+            resumed[lang] = int(s.meta.get("sequences_done", 0))
+            done_tokens += resumed[lang] * seq_len
+    if resumed and not quiet:
+        print(f"resuming collection from {partial}: " + ", ".join(f"{k} {v} seq" for k, v in resumed.items()),
+              file=sys.stderr)
+    t0 = now()
+    bar = progress(total_tokens, "collect", initial=done_tokens)
+    try:
+        for i, lang in enumerate(languages):
+            ids = packed[lang]
+            n_seq = ids.shape[0]
+            start = resumed.get(lang, 0)
+            f = partial / f"{_stem(lang, i)}.safetensors"
+            bar.set_postfix(lang=lang)
+            pos = start
+            while pos < n_seq:
+                chunk_end = min(n_seq, pos + save_every * batch_size)
+                with torch.inference_mode(), record(model_obj, languages=lang) as s:
+                    for b in range(pos, chunk_end, batch_size):
+                        x = ids[b:min(b + batch_size, chunk_end)].to(dev)
+                        body(input_ids=x)
+                        bar.update(int(x.numel()))
+                total = s if lang not in results else results[lang] + s
+                total.meta.update({
+                    "language": lang, "model_id": model, "hidden_size": hidden, "seq_len": seq_len,
+                    "sequences_done": chunk_end, "sequences_total": n_seq, "complete": chunk_end == n_seq,
+                    "collect_config_hash": digest, "dtype": dtype_name(dt),
+                })
+                tmp = f.with_name(f".{f.name}.tmp")
+                total.save(tmp)
+                os.replace(tmp, f)
+                results[lang] = total
+                pos = chunk_end
+            if lang not in results:  # resumed with nothing left to do and no file (cannot happen)
+                raise ExperimentError(f"internal: no statistics for {lang}")
+    finally:
+        bar.close()
+    seconds = now() - t0
+    by_lang = StatsByLanguage(languages, {lang: results[lang] for lang in languages})
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        remove_path(tmp)
+    try:
+        by_lang.save(tmp)
+        idx = read_json(tmp / STATS_INDEX)
+        idx["collect"] = {"config_hash": digest, "settings": settings,
+                          "tokens": {lang: results[lang].n_tokens for lang in languages},
+                          "seconds": seconds}
+        (tmp / STATS_INDEX).write_text(dumps(idx))
+        _publish(tmp, out_path)
+    except BaseException:
+        remove_path(tmp) if tmp.exists() else None
+        raise
+    remove_path(partial)
+    counted = sum(results[lang].n_tokens for lang in languages) - done_tokens
+    if not quiet:
+        rate = counted / seconds if seconds > 0 else float("nan")
+        print(f"collected {len(languages)} languages, {sum(r.n_tokens for r in results.values())} tokens "
+              f"({rate:.0f} tok/s) -> {out_path}", file=sys.stderr)
+    return {"out": str(out_path), "languages": languages, "tokens": {l: results[l].n_tokens for l in languages},
+            "seconds": seconds, "tokens_per_s": counted / seconds if seconds > 0 else None, "cached": False}
+
+
+def load_stats(paths: Sequence[str], languages: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``language -> ActivationStats`` from collect directories and/or single stats files
+    (language from the file's meta, else its name). ``languages`` selects and orders them."""
+    from ..stats import ActivationStats, StatsByLanguage
+
+    stats: Dict[str, Any] = {}
+    if not paths:
+        raise ExperimentError("no statistics given")
+    for p in paths:
+        path = Path(p)
+        try:
+            if path.is_dir():
+                if not (path / STATS_INDEX).exists():
+                    hint = " (an interrupted collect keeps its state in a .partial folder; rerun it)" \
+                        if partial_path(path).exists() else ""
+                    raise ExperimentError(f"{path}: not a collect output (no {STATS_INDEX}){hint}")
+                found = dict(StatsByLanguage.load(path))
+            elif path.is_file():
+                s = ActivationStats.load(path)
+                lang = s.meta.get("language") or path.stem
+                found = {lang: s}
+            else:
+                raise ExperimentError(f"{path}: no such statistics file or directory")
+        except ExperimentError:
+            raise
+        except (ValueError, TypeError, OSError, KeyError) as exc:
+            raise ExperimentError(f"{path}: cannot read statistics: {one_line(exc)}") from None
+        for lang, s in found.items():
+            if lang in stats:
+                raise ExperimentError(f"language {lang!r} appears in more than one statistics input")
+            stats[lang] = s
+    if languages is not None:
+        missing = [l for l in languages if l not in stats]
+        if missing:
+            raise ExperimentError(f"no statistics for {', '.join(missing)} (have {', '.join(stats)})")
+        stats = {l: stats[l] for l in languages}
+    if len(stats) < 2:
+        raise ExperimentError(f"identification needs statistics of at least 2 languages, got {list(stats)}")
+    return stats
+
+
+def identify_neurons(stats_paths: Sequence[str], out: str, *, top_rate: float = 0.01, filter_rate: float = 0.95,
+                     activation_bar_ratio: float = 0.95, format: str = "lape",
+                     languages: Optional[Sequence[str]] = None, overwrite: bool = True):
+    """Run LAPE identification and write the NeuronSet atomically. Returns the NeuronSet."""
+    from ..identify import identify
+
+    if format not in ("lape", "reference"):
+        raise ExperimentError(f"--format must be lape or reference, got {format!r}")
+    out_path = Path(out)
+    if out_path.exists() and not overwrite:
+        raise ExperimentError(f"{out_path} exists; pass --overwrite to replace it")
+    stats = load_stats(stats_paths, languages)
+    try:
+        ns = identify(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
+    except (ValueError, TypeError) as exc:
+        raise ExperimentError(f"identify: {one_line(exc)}") from None
+    suffix = out_path.suffix if format == "lape" and out_path.suffix in (".json", ".safetensors") else ""
+    tmp = out_path.parent / f".{out_path.stem}.tmp-{os.getpid()}{suffix}"
+    try:
+        if format == "reference":
+            ns.save(tmp, format="reference")
+            _publish(tmp, out_path)
+        elif suffix:
+            # a pair of files: publish the tensors first, the JSON (which names them) last
+            ns.save(tmp, format="lape")
+            tmp_tensors = tmp.with_suffix(".safetensors")
+            tmp_json = tmp.with_suffix(".json")
+            final_tensors = out_path.with_suffix(".safetensors")
+            final_json = out_path.with_suffix(".json")
+            meta = read_json(tmp_json)
+            meta["tensors"] = final_tensors.name
+            tmp_json.write_text(dumps(meta))
+            os.replace(tmp_tensors, final_tensors)
+            os.replace(tmp_json, final_json)
+        else:
+            ns.save(tmp, format="lape")
+            _publish(tmp, out_path)
+    finally:
+        for t in (tmp, tmp.with_suffix(".safetensors") if suffix else None, tmp.with_suffix(".json") if suffix else None):
+            if t is not None and (t.exists() or t.is_symlink()):
+                remove_path(t)
+    return ns

@@ -1,0 +1,270 @@
+"""``lape-kernels demo`` (``make demo``): the paper's comparison end to end, offline, on a CPU.
+
+corpus -> collect LAPE statistics over >= 8 languages -> identify language neurons -> fine-tune an
+under-resourced target language with ``neurons``, ``random`` (same size) and ``full`` (``--full``:
+all five methods, larger budgets) on the same tokens -> evaluate before/after -> report.md + PNGs.
+
+Each stage's output is kept under ``--out``; a rerun with the same settings reuses finished stages
+(and resumes interrupted ones), ``--fresh`` starts over. The budgets below are sized so that the
+quick demo ends in about ten minutes on a 2-core CPU with Gemma-3-270M (see examples/README.md for
+the measured stage times); ``--config FILE`` overrides any of them (JSON object).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .common import (
+    ExperimentError,
+    corpus_texts,
+    load_corpus,
+    now,
+    partial_path,
+    read_json,
+    remove_path,
+    write_json_atomic,
+)
+
+__all__ = ["QUICK", "FULL", "TARGET_PREFERENCE", "run_demo", "choose_target", "demo_settings"]
+
+#: under-resourced languages, in order of preference for the target
+TARGET_PREFERENCE = ("cy", "mt", "eu", "is", "ga", "gd", "br", "ka", "mk", "ne", "af", "lv", "sl", "gl")
+
+QUICK: Dict[str, Any] = {
+    "model": "gemma3-270m",
+    # English, four high-resource references with two scripts, three under-resourced languages
+    "languages": ["en", "de", "fr", "es", "ru", "cy", "eu", "is"],
+    "methods": ["neurons", "random", "full"],
+    # collect: tokens per language (packed 512-token sequences, decoder body only)
+    "collect_tokens": 16384,
+    "collect_seq_len": 512,
+    "collect_batch_size": 4,
+    "collect_dtype": "auto",
+    # identify: 18 layers x 2048 neurons = 36,864 for Gemma-3-270M; 5% (the paper's upper end)
+    # selects 1,843 language-specific neurons, a few hundred per language; 1% leaves too few
+    # per language to train (tens).
+    "top_rate": 0.05,
+    "filter_rate": 0.95,
+    "activation_bar_ratio": 0.95,
+    # finetune: the same tokens, data order and seed for every method
+    "train_tokens": 6144,
+    "seq_len": 512,
+    "batch_size": 2,
+    "train_val_tokens": 1024,
+    "eval_every": 0,  # 0 = validate once, at the end (the quick budget is a handful of steps)
+    "autocast": "auto",
+    "lr": {},  # method -> lr; empty: the paper's defaults (1e-4 neurons/random/lora, 1e-5 full/ffn)
+    "seed": 0,
+    # eval: validation tokens per language, parallel sentences for alignment
+    "eval_val_tokens": 1024,
+    "eval_batch_size": 2,
+    "parallel_n": 16,
+}
+
+FULL: Dict[str, Any] = {
+    **QUICK,
+    "languages": ["en", "de", "fr", "es", "ru", "cy", "eu", "is", "ga", "ka", "mk", "gl"],
+    "methods": ["neurons", "random", "lora", "ffn", "full"],
+    "collect_tokens": 65536,
+    "train_tokens": 32768,
+    "batch_size": 4,
+    "train_val_tokens": 4096,
+    "eval_every": 4,
+    "eval_val_tokens": 4096,
+    "parallel_n": 64,
+}
+
+
+def demo_settings(full: bool, config_path: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
+    cfg = dict(FULL if full else QUICK)
+    if config_path:
+        extra = read_json(config_path)
+        if not isinstance(extra, dict):
+            raise ExperimentError(f"--config {config_path}: expected a JSON object")
+        unknown = sorted(set(extra) - set(cfg))
+        if unknown:
+            raise ExperimentError(f"--config {config_path}: unknown settings {unknown}; known: {sorted(cfg)}")
+        cfg.update(extra)
+    for k, v in overrides.items():
+        if v is not None:
+            cfg[k] = v
+    return cfg
+
+
+def _approx_tokens(texts: Sequence[str]) -> int:
+    """A cautious token estimate (about 3 characters per token for these languages)."""
+    return sum(len(t) for t in texts) // 3
+
+
+def choose_target(corpus: Dict[str, Any], languages: Sequence[str], need_train: int, need_val: int,
+                  preferred: Optional[str] = None) -> str:
+    """The first under-resourced language (TARGET_PREFERENCE order) with enough text for the
+    training budget (no repetition) and the validation set."""
+    if preferred is not None:
+        if preferred not in languages:
+            raise ExperimentError(f"--target {preferred!r} is not among the languages {', '.join(languages)}")
+        return preferred
+    for lang in TARGET_PREFERENCE:
+        if lang in languages and lang != "en":
+            if (_approx_tokens(corpus_texts(corpus, lang, "train")) >= need_train
+                    and _approx_tokens(corpus_texts(corpus, lang, "validation")) >= need_val):
+                return lang
+    raise ExperimentError(f"none of the languages {', '.join(languages)} is an under-resourced language with "
+                          f"{need_train} training tokens; pass --target")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _finetune_subprocess(args: List[str]) -> None:
+    """Each method trains in its own process: its peak memory is its own, not the demo's."""
+    cmd = [sys.executable, "-m", "lape_kernels.cli", "finetune"] + args
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise ExperimentError(f"finetune {' '.join(args[:6])} ... failed (exit {proc.returncode}); see above")
+
+
+def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str] = None, out: str = "reports/demo",
+             target: Optional[str] = None, languages: Optional[Sequence[str]] = None,
+             methods: Optional[Sequence[str]] = None, device: str = "auto", cache_dir: Optional[str] = None,
+             fresh: bool = False, config_path: Optional[str] = None) -> Path:
+    """Run the experiment; returns the path of report.md."""
+    from .collect import collect, identify_neurons
+    from .evaluate import Evaluator, load_run_info
+    from .report import claims, write_report
+    from ..neurons import NeuronSet, per_layer_table
+
+    cfg = demo_settings(full, config_path, model=model, languages=list(languages) if languages else None,
+                        methods=list(methods) if methods else None)
+    if len(set(cfg["languages"])) < 2:
+        raise ExperimentError("the demo needs at least two languages")
+    out_dir = Path(out)
+    stats_dir, neurons_dir = out_dir / "stats", out_dir / "neurons"
+    runs_dir, eval_dir = out_dir / "runs", out_dir / "eval"
+    if fresh:
+        for p in (stats_dir, neurons_dir, runs_dir, eval_dir, partial_path(stats_dir)):
+            if p.exists():
+                remove_path(p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: Dict[str, float] = {}
+    t_all = now()
+    common = ["--model", cfg["model"], "--device", device] + (["--data", data] if data else []) \
+        + (["--cache-dir", cache_dir] if cache_dir else [])
+
+    _say(f"[1/6] corpus and model: {cfg['model']}, languages {' '.join(cfg['languages'])}")
+    t = now()
+    corpus = load_corpus(data, cfg["languages"], cache_dir=cache_dir)
+    tgt = choose_target(corpus, cfg["languages"], cfg["train_tokens"], cfg["eval_val_tokens"], target)
+    del corpus
+    _say(f"      target language: {tgt}")
+    timings["corpus"] = now() - t
+
+    _say(f"[2/6] collect LAPE statistics: {cfg['collect_tokens']} tokens x {len(cfg['languages'])} languages")
+    t = now()
+    collect(cfg["model"], cfg["languages"], str(stats_dir), data=data, tokens=cfg["collect_tokens"],
+            seq_len=cfg["collect_seq_len"], batch_size=cfg["collect_batch_size"], device=device,
+            dtype=cfg["collect_dtype"], cache_dir=cache_dir)
+    gc.collect()
+    timings["collect"] = now() - t
+
+    _say(f"[3/6] identify language neurons (top_rate {cfg['top_rate']})")
+    t = now()
+    ns = identify_neurons([str(stats_dir)], str(neurons_dir), top_rate=cfg["top_rate"], filter_rate=cfg["filter_rate"],
+                          activation_bar_ratio=cfg["activation_bar_ratio"])
+    _say("      neurons per language: " + ", ".join(f"{l} {ns.total(l)}" for l in ns.languages))
+    if ns.total(tgt) == 0:
+        raise ExperimentError(f"no neurons identified for the target {tgt}; raise top_rate")
+    timings["identify"] = now() - t
+
+    steps = -(-cfg["train_tokens"] // (cfg["batch_size"] * cfg["seq_len"]))
+    eval_every = cfg["eval_every"] or steps
+    _say(f"[4/6] fine-tune {tgt}: {', '.join(cfg['methods'])}; {steps} steps x {cfg['batch_size']} x "
+         f"{cfg['seq_len']} tokens each")
+    runs: Dict[str, Dict[str, Any]] = {}
+    for method in cfg["methods"]:
+        t = now()
+        args = common + ["--language", tgt, "--method", method, "--steps", str(steps),
+                         "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"]),
+                         "--eval-every", str(eval_every), "--val-tokens", str(cfg["train_val_tokens"]),
+                         "--seed", str(cfg["seed"]), "--autocast", cfg["autocast"], "-o", str(runs_dir / method)]
+        if method in ("neurons", "random"):
+            args += ["--neurons", str(neurons_dir)]
+        if method in cfg["lr"]:
+            args += ["--lr", str(cfg["lr"][method])]
+        if (runs_dir / method).exists():
+            args.append("--overwrite")  # replaced only if its settings differ; same settings: reused
+        _finetune_subprocess(args)
+        runs[method] = load_run_info(runs_dir / method)
+        timings[f"finetune {method}"] = now() - t
+
+    _say(f"[5/6] evaluate: {len(cfg['languages'])} languages x {cfg['eval_val_tokens']} tokens, before and after")
+    t = now()
+    evals: Dict[str, Dict[str, Any]] = {}
+    ev = None
+    for method in cfg["methods"]:
+        path = eval_dir / f"{method}.json"
+        if path.exists():
+            cached = read_json(path)
+            if (cached.get("run", {}).get("config_hash") == runs[method]["config_hash"]
+                    and cached.get("settings", {}).get("val_tokens") == cfg["eval_val_tokens"]
+                    and cached.get("settings", {}).get("languages") == list(cfg["languages"])
+                    and cached.get("settings", {}).get("parallel_n") == cfg["parallel_n"]):
+                evals[method] = cached
+                continue
+        if ev is None:
+            ev = Evaluator(cfg["model"], data, cfg["languages"], tgt, seq_len=cfg["seq_len"],
+                           val_tokens=cfg["eval_val_tokens"], batch_size=cfg["eval_batch_size"],
+                           parallel_n=cfg["parallel_n"], device=device, cache_dir=cache_dir)
+        evals[method] = ev.after(str(runs_dir / method))
+        write_json_atomic(path, evals[method])
+    del ev
+    gc.collect()
+    timings["evaluate"] = now() - t
+
+    _say("[6/6] report")
+    logs = {m: [json.loads(l) for l in (runs_dir / m / "log.jsonl").read_text().splitlines() if l.strip()]
+            for m in cfg["methods"]}
+    e0 = next(iter(evals.values()))
+    import torch
+
+    setup = {
+        "model": cfg["model"],
+        "languages": ", ".join(cfg["languages"]),
+        "target": tgt,
+        "collect": f"{cfg['collect_tokens']:,} tokens per language, {cfg['collect_seq_len']}-token packed sequences, "
+                   f"decoder body only",
+        "identify": f"top_rate {cfg['top_rate']}, filter_rate {cfg['filter_rate']}, "
+                    f"activation_bar_ratio {cfg['activation_bar_ratio']}",
+        f"neurons of {tgt}": f"{ns.total(tgt):,} (of {ns.num_layers * ns.intermediate_size:,})",
+        "training": f"{steps} steps x {cfg['batch_size']} x {cfg['seq_len']} tokens = "
+                    f"{steps * cfg['batch_size'] * cfg['seq_len']:,} tokens per method, same order (seed {cfg['seed']}); "
+                    f"AdamW, wd 0.01, clip 1.0",
+        "evaluation": f"{cfg['eval_val_tokens']:,} validation tokens per language ({e0['settings']['dtype']}); "
+                      f"alignment on {e0['settings']['parallel_pairs']} {tgt}-en sentence pairs",
+        "device": f"{runs[cfg['methods'][0]].get('device')}, {torch.get_num_threads()} threads",
+    }
+    timings["total"] = now() - t_all
+    report = write_report(out_dir, setup=setup, evals=evals, runs=runs, logs=logs, neuron_set=ns, timings=timings)
+    summary = {
+        "report": str(report),
+        "target": tgt,
+        "claims": claims(evals),
+        "target_ppl": {m: {"before": evals[m]["before"]["ppl"][tgt], "after": evals[m]["after"]["ppl"][tgt],
+                           "change": evals[m]["target_ppl_change"]} for m in evals},
+        "other_ppl_abs_change_mean": {m: evals[m]["other_ppl_abs_change_mean"] for m in evals},
+        "timings": timings,
+        "settings": cfg,
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    for c in summary["claims"]:
+        verdict = {True: "TRUE", False: "FALSE", None: "not measured"}[c["holds"]]
+        _say(f"claim: {c['claim']}: {verdict} ({c['text']})")
+    _say(f"done in {timings['total']:.0f}s; report: {report}")
+    return report

@@ -1,0 +1,180 @@
+"""LAPE language-neuron identification (Tang et al. 2024), from per-language activation counts.
+
+Same selection as the reference ``identify.py`` of RUCAIBox/Language-Specific-Neurons, in
+float32, step for step (so ties resolve identically): activation probabilities, entropy of
+their distribution over languages, a filter that drops neurons no language activates often,
+the lowest-entropy ``top_rate`` of neurons, then each selected neuron is assigned to every
+language whose probability is above a bar.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from .neurons import NeuronSet
+
+__all__ = ["identify", "lape_probabilities"]
+
+
+def _counts(lang: str, stats: Any):
+    """(over_zero, n, meta) from an ActivationStats-like object or a reference dict."""
+    if isinstance(stats, Mapping):
+        if "over_zero" not in stats or "n" not in stats:
+            raise ValueError(f"stats[{lang!r}]: a dict must have keys 'n' and 'over_zero' (the LAPE reference "
+                             f"format), got keys {sorted(map(str, stats))}")
+        over_zero, n, meta = stats["over_zero"], stats["n"], {}
+    elif hasattr(stats, "over_zero") and hasattr(stats, "n_tokens"):
+        over_zero, n, meta = stats.over_zero, stats.n_tokens, getattr(stats, "meta", None) or {}
+    else:
+        raise TypeError(f"stats[{lang!r}]: expected ActivationStats (.over_zero, .n_tokens) or "
+                        f"{{'n': int, 'over_zero': tensor}}, got {type(stats).__name__}")
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1 or n.is_floating_point() or n.dtype == torch.bool:
+            raise ValueError(f"stats[{lang!r}]: n must be an integer (token count), got tensor {n.dtype} {tuple(n.shape)}")
+        n = int(n.item())
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ValueError(f"stats[{lang!r}]: n must be an integer token count, got {n!r}")
+    n = int(n)
+    if n <= 0:
+        raise ValueError(f"stats[{lang!r}]: n (tokens counted) must be > 0, got {n}")
+    if not isinstance(over_zero, torch.Tensor):
+        raise TypeError(f"stats[{lang!r}]: over_zero must be a tensor, got {type(over_zero).__name__}")
+    if over_zero.is_floating_point() or over_zero.is_complex() or over_zero.dtype == torch.bool:
+        raise ValueError(f"stats[{lang!r}]: over_zero must hold integer counts, got dtype {over_zero.dtype}")
+    if over_zero.dim() != 2 or over_zero.numel() == 0:
+        raise ValueError(f"stats[{lang!r}]: over_zero must be 2-D [layers, intermediate], got shape {tuple(over_zero.shape)}")
+    over_zero = over_zero.detach().to("cpu", torch.int64)
+    if bool((over_zero < 0).any()):
+        raise ValueError(f"stats[{lang!r}]: over_zero has negative counts (min {int(over_zero.min())})")
+    if bool((over_zero > n).any()):
+        raise ValueError(f"stats[{lang!r}]: over_zero has counts above n={n} (max {int(over_zero.max())}); "
+                         f"counts and n must come from the same tokens")
+    return over_zero, n, meta
+
+
+def _check_rate(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def lape_probabilities(stats: Mapping[str, Any]) -> torch.Tensor:
+    """float32 ``[L, I, K]`` activation probabilities ``over_zero_k / n_k`` (languages in mapping order)."""
+    over_zero, n, _ = _stack(stats)
+    return _probabilities(over_zero, n)
+
+
+def _probabilities(over_zero: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    # integer true division, as the reference: float32, n rounded to float32 first (n > 2**24
+    # is not exact), one rounding of the quotient
+    return over_zero / n
+
+
+def _stack(stats: Mapping[str, Any]):
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be a mapping language -> ActivationStats or reference dict, got {type(stats).__name__}")
+    if len(stats) == 0:
+        raise ValueError("stats is empty: need at least one language")
+    counts, ns, metas = [], [], []
+    shape = None
+    for lang, s in stats.items():
+        if not isinstance(lang, str) or not lang:
+            raise ValueError(f"language names must be non-empty strings, got {lang!r}")
+        oz, n, meta = _counts(lang, s)
+        if shape is None:
+            shape, first = oz.shape, lang
+        elif oz.shape != shape:
+            raise ValueError(f"over_zero shapes differ across languages: {first!r} has {tuple(shape)}, "
+                             f"{lang!r} has {tuple(oz.shape)}")
+        counts.append(oz)
+        ns.append(n)
+        metas.append(meta)
+    # Layout [L, I, K] and integer true division, exactly as the reference: float32 probabilities,
+    # and the sums over languages below reduce a contiguous last dimension in the same order.
+    return torch.stack(counts, dim=-1), torch.tensor(ns, dtype=torch.int64), metas
+
+
+def identify(
+    stats: Mapping[str, Any],
+    top_rate: float = 0.01,
+    filter_rate: float = 0.95,
+    activation_bar_ratio: float = 0.95,
+    *,
+    model_id: Optional[str] = None,
+    hidden_size: Optional[int] = None,
+) -> NeuronSet:
+    """Language-specific neurons by LAPE.
+
+    ``stats``: ``language -> ActivationStats`` (anything with ``.over_zero`` int ``[L, I]`` and
+    ``.n_tokens``) or the reference dict ``{'n': int, 'over_zero': tensor [L, I]}``.
+    With ``p[l, i, k] = over_zero_k[l, i] / n_k`` (float32):
+
+    - entropy of ``q = p / sum_k p`` (0 where the sum is 0), with ``0 log 0 = 0``;
+    - ``t`` = the ``round(N * filter_rate)``-th smallest of all ``N = L*I*K`` values of ``p``;
+      a neuron with no ``p > t`` gets entropy ``+inf``;
+    - the ``round(L*I*top_rate)`` neurons of smallest entropy (``torch.topk``, CPU, so ties at
+      the cut resolve as in the reference);
+    - ``b`` = the ``round(N * activation_bar_ratio)``-th smallest value of ``p``; a selected
+      neuron belongs to every language with ``p > b`` (possibly several, possibly none).
+
+    ``round`` is Python's (half to even), as in the reference. Difference from the reference:
+    every input language is in the result, also one with no neurons (the reference's output
+    list drops trailing languages with no neurons, which shifts nothing but loses them).
+    The thresholds used are kept in ``NeuronSet.thresholds`` (``filter_value``, ``activation_bar``).
+    """
+    top_rate = _check_rate("top_rate", top_rate)
+    filter_rate = _check_rate("filter_rate", filter_rate)
+    activation_bar_ratio = _check_rate("activation_bar_ratio", activation_bar_ratio)
+    over_zero, n, metas = _stack(stats)
+    languages = list(stats)
+    num_layers, inter, num_langs = over_zero.shape
+
+    total = over_zero.numel()
+    k_filter = round(total * filter_rate)
+    k_bar = round(total * activation_bar_ratio)
+    k_select = round(num_layers * inter * top_rate)
+    if k_filter == 0 or k_bar == 0:
+        raise ValueError(f"filter_rate={filter_rate} / activation_bar_ratio={activation_bar_ratio} select no value "
+                         f"of the {total} probabilities (round(N * rate) == 0)")
+    if k_select == 0:
+        raise ValueError(f"top_rate={top_rate} selects round({num_layers}*{inter}*{top_rate}) = 0 neurons")
+
+    probs = _probabilities(over_zero, n)  # float32 [L, I, K]
+    normed = probs / probs.sum(dim=-1, keepdim=True)
+    normed = torch.where(torch.isnan(normed), torch.zeros((), dtype=normed.dtype), normed)
+    log_normed = torch.where(normed > 0, normed.log(), torch.zeros((), dtype=normed.dtype))
+    entropy = -torch.sum(normed * log_normed, dim=-1)  # [L, I]
+
+    flat_probs = probs.flatten()
+    filter_value = flat_probs.kthvalue(k_filter).values.item()
+    entropy[(probs > filter_value).sum(dim=-1) == 0] = torch.inf
+
+    _, index = entropy.flatten().topk(k_select, largest=False)
+    activation_bar = flat_probs.kthvalue(k_bar).values.item()
+
+    # membership[l, i, k]: neuron (l, i) selected and p > bar for language k
+    chosen = torch.zeros(num_layers * inter, dtype=torch.bool)
+    chosen[index] = True
+    membership = (probs > activation_bar) & chosen.view(num_layers, inter, 1)
+    neurons: Dict[str, list] = {}
+    for k, lang in enumerate(languages):
+        m = membership[:, :, k]
+        neurons[lang] = [torch.nonzero(m[layer], as_tuple=True)[0] for layer in range(num_layers)]
+
+    model_ids = {m.get("model_id") or m.get("model") for m in metas if isinstance(m, Mapping)} - {None}
+    if model_id is None and len(model_ids) == 1:
+        model_id = str(next(iter(model_ids)))
+    if hidden_size is None:
+        hs = {m.get("hidden_size") for m in metas if isinstance(m, Mapping)} - {None}
+        hidden_size = int(next(iter(hs))) if len(hs) == 1 else None
+    return NeuronSet(
+        neurons, num_layers, inter,
+        model_id=model_id, hidden_size=hidden_size,
+        thresholds={
+            "top_rate": top_rate, "filter_rate": filter_rate, "activation_bar_ratio": activation_bar_ratio,
+            "filter_value": filter_value, "activation_bar": activation_bar,
+        },
+        tokens_per_language={lang: int(v) for lang, v in zip(languages, n.tolist())},
+    )

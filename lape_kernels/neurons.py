@@ -1,0 +1,614 @@
+"""Language-neuron sets: per-language, per-layer sorted int64 indices into the MLP
+intermediate dimension, with metadata, set operations, random baselines, save/load
+(the LAPE reference format and our safetensors + JSON format) and `deactivate`.
+
+Why a class rather than the reference's bare ``list[lang][layer]``: the bare list carries no
+language names, no shape and no provenance, so a mask made for one model silently indexes
+another. `NeuronSet` keeps names, ``num_layers``, ``intermediate_size`` and metadata together
+and checks indices on construction (integer, 1-D, in range, unique; sorted ascending).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "NeuronSet",
+    "NeuronSetFormatError",
+    "deactivate",
+    "per_layer_table",
+    "plot_heatmap",
+    "model_shape",
+]
+
+FORMAT_NAME = "lape_kernels.neuron_set"
+FORMAT_VERSION = 1
+_JSON_NAME = "neurons.json"
+_TENSORS_NAME = "neurons.safetensors"
+
+PerLayer = List[torch.Tensor]
+
+
+class NeuronSetFormatError(ValueError):
+    """A neuron-set file that is not in a format we read (or is malformed)."""
+
+
+def _as_index_tensor(values: Any, where: str) -> torch.Tensor:
+    """One layer's indices as a CPU int64 1-D tensor; integer input only (floats/bools refused)."""
+    if isinstance(values, torch.Tensor):
+        t = values
+    elif isinstance(values, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"{where}: indices must be integers, got a {type(values).__name__} "
+                            f"containing {sorted({type(v).__name__ for v in values})}")
+        t = torch.tensor(list(values), dtype=torch.int64)
+    else:
+        raise TypeError(f"{where}: expected a 1-D integer tensor (or list of ints), got {type(values).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{where}: indices must have an integer dtype (int64 preferred), got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{where}: indices must be 1-D, got shape {tuple(t.shape)}")
+    return t.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
+
+
+def model_shape(model_or_config: Any) -> Tuple[int, int]:
+    """(num_hidden_layers, intermediate_size) of a HF model or config.
+
+    Multimodal configs (Gemma 3) keep the decoder's numbers in ``text_config``;
+    ``get_text_config()`` returns it (or the config itself for text-only models).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    elif getattr(config, "text_config", None) is not None:
+        config = config.text_config
+    try:
+        num_layers = int(config.num_hidden_layers)
+        inter = config.intermediate_size
+    except AttributeError as exc:
+        raise TypeError(f"cannot read num_hidden_layers / intermediate_size from {type(config).__name__}") from exc
+    if isinstance(inter, (list, tuple)):  # some configs list a per-layer size
+        if len(set(inter)) != 1:
+            raise ValueError(f"per-layer intermediate sizes differ ({sorted(set(inter))}); not supported")
+        inter = inter[0]
+    return num_layers, int(inter)
+
+
+class NeuronSet:
+    """Selected neurons per language and layer.
+
+    ``neurons``: ``{language: [indices of layer 0, ..., layer L-1]}``. Each layer's indices are
+    integers in ``[0, intermediate_size)`` without duplicates; they are stored as sorted CPU
+    int64 tensors. Unsorted input is sorted and a note is recorded in ``notes`` (the reference
+    always writes sorted indices, so unsorted input means some other producer).
+    ``intermediate_size`` may be ``None`` when unknown (a reference-format file does not store
+    it); methods that need it say so.
+    """
+
+    def __init__(
+        self,
+        neurons: Mapping[str, Sequence[Any]],
+        num_layers: int,
+        intermediate_size: Optional[int],
+        *,
+        model_id: Optional[str] = None,
+        hidden_size: Optional[int] = None,
+        thresholds: Optional[Mapping[str, float]] = None,
+        tokens_per_language: Optional[Mapping[str, int]] = None,
+        notes: Optional[Iterable[str]] = None,
+    ) -> None:
+        if not isinstance(neurons, Mapping):
+            raise TypeError(f"neurons must be a mapping language -> per-layer indices, got {type(neurons).__name__}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if intermediate_size is not None and (
+            isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int) or intermediate_size <= 0
+        ):
+            raise ValueError(f"intermediate_size must be a positive int or None, got {intermediate_size!r}")
+        if hidden_size is not None and (isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0):
+            raise ValueError(f"hidden_size must be a positive int or None, got {hidden_size!r}")
+        self.num_layers = num_layers
+        self.intermediate_size = intermediate_size
+        self.model_id = model_id
+        self.hidden_size = hidden_size
+        self.thresholds: Dict[str, float] = dict(thresholds or {})
+        self.tokens_per_language: Dict[str, int] = {str(k): int(v) for k, v in (tokens_per_language or {}).items()}
+        self.notes: List[str] = list(notes or [])
+        self._sets: Dict[str, PerLayer] = {}
+        for lang, layers in neurons.items():
+            if not isinstance(lang, str) or not lang:
+                raise ValueError(f"language names must be non-empty strings, got {lang!r}")
+            if isinstance(layers, (torch.Tensor, str)) or not isinstance(layers, Sequence):
+                raise TypeError(f"neurons[{lang!r}] must be a sequence with one index tensor per layer, "
+                                f"got {type(layers).__name__}")
+            if len(layers) != num_layers:
+                raise ValueError(f"neurons[{lang!r}] has {len(layers)} layers, expected num_layers={num_layers}")
+            per_layer = []
+            unsorted_layers = []
+            for li, values in enumerate(layers):
+                where = f"neurons[{lang!r}][layer {li}]"
+                t = _as_index_tensor(values, where)
+                if t.numel():
+                    lo, hi = int(t.min()), int(t.max())
+                    if lo < 0 or (intermediate_size is not None and hi >= intermediate_size):
+                        bad = lo if lo < 0 else hi
+                        raise ValueError(f"{where}: index {bad} out of range [0, {intermediate_size if intermediate_size is not None else 'inf'})")
+                    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
+                        s = torch.sort(t).values
+                        if bool((s[1:] == s[:-1]).any()):
+                            dup = int(s[1:][s[1:] == s[:-1]][0])
+                            raise ValueError(f"{where}: duplicate index {dup}")
+                        t = s
+                        unsorted_layers.append(li)
+                per_layer.append(t)
+            if unsorted_layers:
+                self.notes.append(f"{lang}: indices of layers {unsorted_layers} were not sorted; sorted on load")
+            self._sets[lang] = per_layer
+
+    # ------------------------------------------------------------------ access
+    @property
+    def languages(self) -> List[str]:
+        return list(self._sets)
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sets)
+
+    def __contains__(self, lang: object) -> bool:
+        return lang in self._sets
+
+    def _get(self, lang: str) -> PerLayer:
+        try:
+            return self._sets[lang]
+        except (KeyError, TypeError):
+            raise KeyError(f"language {lang!r} not in this NeuronSet (languages: {self.languages})") from None
+
+    def __getitem__(self, lang: str) -> PerLayer:
+        """Per-layer sorted int64 CPU tensors (copies: the set cannot be changed through them)."""
+        return [t.clone() for t in self._get(lang)]
+
+    def select(self, lang: str, device: Union[str, torch.device, None] = None) -> PerLayer:
+        """Per-layer index list for ``patch``/``deactivate`` (copies, optionally on ``device``)."""
+        return [t.to(device) if device is not None else t.clone() for t in self._get(lang)]
+
+    def layer_counts(self, lang: str) -> List[int]:
+        return [int(t.numel()) for t in self._get(lang)]
+
+    def total(self, lang: str) -> int:
+        return sum(self.layer_counts(lang))
+
+    def __eq__(self, other: object) -> bool:
+        """Same languages (in order), shape and indices; metadata is not compared."""
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        return (
+            self.languages == other.languages
+            and self.num_layers == other.num_layers
+            and self.intermediate_size == other.intermediate_size
+            and all(torch.equal(a, b) for lang in self._sets for a, b in zip(self._sets[lang], other._sets[lang]))
+        )
+
+    __hash__ = None  # mutable metadata; not hashable
+
+    def __repr__(self) -> str:
+        totals = ", ".join(f"{lang}={self.total(lang)}" for lang in self._sets)
+        return (f"NeuronSet(num_layers={self.num_layers}, intermediate_size={self.intermediate_size}, "
+                f"model_id={self.model_id!r}, totals: {totals})")
+
+    # ---------------------------------------------------------------- set ops
+    def _langs(self, langs: Union[str, Iterable[str]]) -> List[str]:
+        langs = [langs] if isinstance(langs, str) else list(langs)
+        if not langs:
+            raise ValueError("need at least one language")
+        for lang in langs:
+            self._get(lang)
+        return langs
+
+    def union(self, langs: Union[str, Iterable[str]]) -> PerLayer:
+        """Per layer, the neurons selected for any of ``langs`` (sorted, unique)."""
+        langs = self._langs(langs)
+        out = []
+        for li in range(self.num_layers):
+            out.append(torch.unique(torch.cat([self._sets[lang][li] for lang in langs]), sorted=True))
+        return out
+
+    def intersection(self, langs: Union[str, Iterable[str]]) -> PerLayer:
+        """Per layer, the neurons selected for every one of ``langs`` (sorted)."""
+        langs = self._langs(langs)
+        out = []
+        for li in range(self.num_layers):
+            acc = self._sets[langs[0]][li]
+            for lang in langs[1:]:
+                acc = acc[torch.isin(acc, self._sets[lang][li])]
+            out.append(acc.clone())
+        return out
+
+    def overlap(self) -> torch.Tensor:
+        """int64 ``[K, K]``: entry (a, b) = neurons shared by languages a and b (diagonal = totals)."""
+        langs = self.languages
+        k = len(langs)
+        out = torch.zeros(k, k, dtype=torch.int64)
+        for a in range(k):
+            for b in range(a, k):
+                n = sum(int(torch.isin(x, y).sum()) for x, y in zip(self._sets[langs[a]], self._sets[langs[b]]))
+                out[a, b] = out[b, a] = n
+        return out
+
+    # ------------------------------------------------------------ parameters
+    def trainable_params(self, lang: str, hidden_size: Optional[int] = None) -> int:
+        """Values sparse training updates for ``lang``: a gate row, an up row and a down column
+        (``hidden_size`` each) per selected neuron, i.e. ``3 * hidden * count``."""
+        hidden = hidden_size if hidden_size is not None else self.hidden_size
+        if hidden is None:
+            raise ValueError("hidden_size unknown: pass hidden_size= (this NeuronSet has none recorded)")
+        if hidden <= 0:
+            raise ValueError(f"hidden_size must be positive, got {hidden}")
+        return 3 * int(hidden) * self.total(lang)
+
+    def trainable_fraction(self, lang: str, hidden_size: Optional[int], total_params: int) -> float:
+        """``trainable_params / total_params`` (the paper reports this as a percentage of the model)."""
+        if total_params <= 0:
+            raise ValueError(f"total_params must be positive, got {total_params}")
+        return self.trainable_params(lang, hidden_size) / total_params
+
+    def random_like(self, lang: str, seed: int, mode: str = "per_layer") -> PerLayer:
+        """A random baseline the size of ``lang``'s set (sorted per-layer index tensors).
+
+        ``per_layer``: the same count in each layer, drawn uniformly without replacement within
+        the layer. ``total``: the same total, drawn uniformly without replacement over all
+        (layer, neuron) pairs, so per-layer counts vary (the paper's random baseline).
+        Deterministic for a given seed (CPU generator).
+        """
+        if self.intermediate_size is None:
+            raise ValueError("intermediate_size unknown: pass intermediate_size= when loading a reference-format file")
+        counts = self.layer_counts(lang)
+        inter = self.intermediate_size
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        if mode == "per_layer":
+            return [torch.sort(torch.randperm(inter, generator=gen)[:c]).values for c in counts]
+        if mode == "total":
+            flat = torch.sort(torch.randperm(self.num_layers * inter, generator=gen)[: sum(counts)]).values
+            layer = flat // inter
+            neuron = flat % inter
+            return [neuron[layer == li].clone() for li in range(self.num_layers)]
+        raise ValueError(f"mode must be 'per_layer' or 'total', got {mode!r}")
+
+    # ------------------------------------------------------------- validation
+    def validate(self, model: Any = None, *, num_layers: Optional[int] = None,
+                 intermediate_size: Optional[int] = None) -> "NeuronSet":
+        """Check this set fits a model: layer count and index range.
+
+        ``model``: a HF model or config (``num_hidden_layers`` / ``intermediate_size``, taken
+        from ``text_config`` for multimodal Gemma 3), or pass the numbers. Returns ``self``.
+        Indices are already known to be int64, unique and sorted (checked on construction).
+        """
+        if model is not None:
+            if num_layers is not None or intermediate_size is not None:
+                raise ValueError("pass either a model/config or num_layers/intermediate_size, not both")
+            num_layers, intermediate_size = model_shape(model)
+        if num_layers is None and intermediate_size is None:
+            raise ValueError("validate needs a model/config or num_layers= / intermediate_size=")
+        if num_layers is not None and num_layers != self.num_layers:
+            raise ValueError(f"layer count mismatch: neuron set has {self.num_layers} layers, model has {num_layers}")
+        if intermediate_size is not None:
+            if self.intermediate_size is not None and self.intermediate_size != intermediate_size:
+                raise ValueError(f"intermediate_size mismatch: neuron set was made for {self.intermediate_size}, "
+                                 f"model has {intermediate_size}")
+            for lang, layers in self._sets.items():
+                for li, t in enumerate(layers):
+                    if t.numel() and int(t[-1]) >= intermediate_size:
+                        raise ValueError(f"{lang} layer {li}: index {int(t[-1])} out of range for "
+                                         f"intermediate_size {intermediate_size}")
+        return self
+
+    # ------------------------------------------------------------------- save
+    def save(self, path: Union[str, Path], format: str = "lape") -> Path:
+        """Write the set. ``format="lape"``: our format; ``path`` is a directory (created) holding
+        ``neurons.safetensors`` + ``neurons.json``, or a ``*.safetensors`` file with a ``*.json``
+        beside it. ``format="reference"``: the LAPE reference format, ``torch.save`` of
+        ``list[language][layer]`` int64 tensors (names and metadata are lost). Returns the path
+        written (directory, safetensors file, or reference file)."""
+        path = Path(path)
+        if format == "reference":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # clone: a view would drag its whole storage into the file
+            torch.save([[t.clone() for t in self._sets[lang]] for lang in self._sets], path)
+            return path
+        if format != "lape":
+            raise ValueError(f"format must be 'lape' or 'reference', got {format!r}")
+        from safetensors.torch import save_file
+
+        tensors_path, json_path = _pair_paths(path, for_writing=True)
+        tensors: Dict[str, torch.Tensor] = {}
+        for k, lang in enumerate(self._sets):
+            layers = self._sets[lang]
+            counts = torch.tensor([0] + [t.numel() for t in layers], dtype=torch.int64)
+            tensors[f"indices.{k}"] = torch.cat(layers).contiguous()
+            tensors[f"offsets.{k}"] = torch.cumsum(counts, 0)
+        save_file(tensors, str(tensors_path), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "languages": self.languages,
+            "num_layers": self.num_layers,
+            "intermediate_size": self.intermediate_size,
+            "model_id": self.model_id,
+            "hidden_size": self.hidden_size,
+            "thresholds": self.thresholds,
+            "tokens_per_language": self.tokens_per_language,
+            "totals": {lang: self.total(lang) for lang in self._sets},
+            "notes": self.notes,
+            "tensors": tensors_path.name,
+        }
+        json_path.write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    # ------------------------------------------------------------------- load
+    @classmethod
+    def load(cls, path: Union[str, Path], languages: Optional[Sequence[str]] = None, *,
+             intermediate_size: Optional[int] = None, model_id: Optional[str] = None) -> "NeuronSet":
+        """Read our format (a directory with ``neurons.json``, or a ``.json``/``.safetensors``
+        file of a pair) or the LAPE reference format (``torch.save`` of ``list[lang][layer]``).
+
+        Reference files are read with ``torch.load(weights_only=True)``: arbitrary pickled objects
+        are refused. They carry no names: ``languages`` names them in file order (default
+        ``lang0``, ``lang1``, ...). The reference script drops trailing languages that got no
+        neurons, so ``languages`` may be longer than the file: the missing trailing languages get
+        empty sets (recorded in ``notes``). ``intermediate_size`` is not stored in reference
+        files; pass it to enable range checks and ``random_like``. ``model_id`` names the model
+        of a reference file; for our format it must agree with the recorded one.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no neuron set at {path}")
+        if path.is_dir() or path.suffix in (".json", ".safetensors"):
+            ns = cls._load_lape(path)
+            if model_id is not None:
+                if ns.model_id not in (None, model_id):
+                    raise ValueError(f"{path} was made for model {ns.model_id!r}, not {model_id!r}")
+                ns.model_id = model_id
+            if languages is not None and list(languages) != ns.languages:
+                raise ValueError(f"languages {list(languages)} do not match the file's {ns.languages}")
+            if intermediate_size is not None:
+                ns.validate(intermediate_size=intermediate_size)
+            return ns
+        return cls._load_reference(path, languages, intermediate_size, model_id)
+
+    @classmethod
+    def _load_reference(cls, path: Path, languages: Optional[Sequence[str]], intermediate_size: Optional[int],
+                        model_id: Optional[str]) -> "NeuronSet":
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's first line suggests weights_only=False; keep only its reason
+            detail = [ln.strip() for ln in str(exc).splitlines()[1:]
+                      if ln.strip() and not ln.startswith("Check the documentation")]
+            raise NeuronSetFormatError(
+                f"{path}: refused to load: not a plain list of tensors (torch.load weights_only=True "
+                f"rejected it; arbitrary pickled objects are never loaded)"
+                + (f": {detail[0]}" if detail else "")) from None
+        except Exception as exc:  # not a torch file at all
+            raise NeuronSetFormatError(f"{path}: not a LAPE reference file (torch.save of list[lang][layer] "
+                                       f"tensors) nor a lape_kernels neuron set: {type(exc).__name__}: {exc}") from None
+        if not isinstance(data, (list, tuple)) or not data:
+            raise NeuronSetFormatError(f"{path}: expected a non-empty list with one entry per language "
+                                       f"(each a list of per-layer int64 tensors), got {type(data).__name__}"
+                                       + (" (empty)" if isinstance(data, (list, tuple)) else ""))
+        for k, entry in enumerate(data):
+            if not isinstance(entry, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in entry):
+                raise NeuronSetFormatError(
+                    f"{path}: entry {k} must be a list of per-layer tensors, got "
+                    f"{type(entry).__name__}" + ("" if not isinstance(entry, (list, tuple))
+                                                  else f" containing {sorted({type(t).__name__ for t in entry})}"))
+        layer_counts = {len(entry) for entry in data}
+        if len(layer_counts) != 1 or 0 in layer_counts:
+            raise NeuronSetFormatError(f"{path}: languages have different numbers of layers: {[len(e) for e in data]}")
+        num_layers = layer_counts.pop()
+        notes = []
+        if languages is None:
+            languages = [f"lang{k}" for k in range(len(data))]
+        else:
+            languages = list(languages)
+            if len(languages) < len(data):
+                raise ValueError(f"{path}: file has {len(data)} languages, but {len(languages)} names were given")
+            if len(languages) > len(data):
+                notes.append(f"languages {languages[len(data):]} absent from the reference file "
+                             f"(the reference drops trailing languages with no neurons): empty sets")
+            if len(set(languages)) != len(languages):
+                raise ValueError(f"duplicate language names: {languages}")
+        sets: Dict[str, Sequence[Any]] = {}
+        for k, lang in enumerate(languages):
+            sets[lang] = list(data[k]) if k < len(data) else [torch.empty(0, dtype=torch.int64)] * num_layers
+        try:
+            return cls(sets, num_layers, intermediate_size, model_id=model_id, notes=notes)
+        except (TypeError, ValueError) as exc:
+            raise NeuronSetFormatError(f"{path}: {exc}") from None
+
+    @classmethod
+    def _load_lape(cls, path: Path) -> "NeuronSet":
+        from safetensors import safe_open
+
+        tensors_path, json_path = _pair_paths(path, for_writing=False)
+        try:
+            meta = json.loads(json_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise NeuronSetFormatError(f"{json_path}: cannot read neuron-set JSON: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise NeuronSetFormatError(f"{json_path}: not a lape_kernels neuron set (format != {FORMAT_NAME!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise NeuronSetFormatError(f"{json_path}: format_version {meta.get('format_version')!r} not supported "
+                                       f"(this code reads {FORMAT_VERSION})")
+        for key in ("languages", "num_layers", "intermediate_size"):
+            if key not in meta:
+                raise NeuronSetFormatError(f"{json_path}: missing key {key!r}")
+        languages = meta["languages"]
+        if not isinstance(languages, list) or len(set(map(str, languages))) != len(languages):
+            raise NeuronSetFormatError(f"{json_path}: 'languages' must be a list of unique names")
+        num_layers = meta["num_layers"]
+        if not tensors_path.exists():
+            raise NeuronSetFormatError(f"{json_path}: tensor file {tensors_path} missing")
+        sets: Dict[str, PerLayer] = {}
+        try:
+            with safe_open(str(tensors_path), framework="pt", device="cpu") as fh:
+                keys = set(fh.keys())
+                for k, lang in enumerate(languages):
+                    ik, ok = f"indices.{k}", f"offsets.{k}"
+                    if ik not in keys or ok not in keys:
+                        raise NeuronSetFormatError(f"{tensors_path}: missing {ik!r}/{ok!r} for language {lang!r}")
+                    indices, offsets = fh.get_tensor(ik), fh.get_tensor(ok)
+                    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() != num_layers + 1:
+                        raise NeuronSetFormatError(f"{tensors_path}: {ok} must be int64 [num_layers + 1 = {num_layers + 1}], "
+                                                   f"got {offsets.dtype} {tuple(offsets.shape)}")
+                    if indices.dim() != 1:
+                        raise NeuronSetFormatError(f"{tensors_path}: {ik} must be 1-D, got {tuple(indices.shape)}")
+                    counts = offsets[1:] - offsets[:-1]
+                    if int(offsets[0]) != 0 or int(offsets[-1]) != indices.numel() or bool((counts < 0).any()):
+                        raise NeuronSetFormatError(f"{tensors_path}: {ok} is not a valid offset table for "
+                                                   f"{indices.numel()} indices")
+                    sets[str(lang)] = [t.clone() for t in torch.split(indices, counts.tolist())]
+        except NeuronSetFormatError:
+            raise
+        except Exception as exc:
+            raise NeuronSetFormatError(f"{tensors_path}: cannot read safetensors: {type(exc).__name__}: {exc}") from None
+        try:
+            return cls(
+                sets, num_layers, meta["intermediate_size"],
+                model_id=meta.get("model_id"), hidden_size=meta.get("hidden_size"),
+                thresholds=meta.get("thresholds"), tokens_per_language=meta.get("tokens_per_language"),
+                notes=meta.get("notes"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise NeuronSetFormatError(f"{path}: {exc}") from None
+
+
+def _pair_paths(path: Path, for_writing: bool) -> Tuple[Path, Path]:
+    """(safetensors, json) paths for a directory or either file of a pair."""
+    if for_writing and path.suffix in (".safetensors", ".json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    if path.suffix == ".json":
+        if not for_writing and path.exists():
+            try:
+                name = json.loads(path.read_text()).get("tensors")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                name = None
+            # the name recorded at save time, unless the pair was renamed since
+            if isinstance(name, str) and "/" not in name and "\\" not in name and (path.parent / name).exists():
+                return path.parent / name, path
+        return path.with_suffix(".safetensors"), path
+    if for_writing:
+        path.mkdir(parents=True, exist_ok=True)
+    elif not (path / _JSON_NAME).exists():
+        raise NeuronSetFormatError(f"{path}: directory has no {_JSON_NAME}")
+    return path / _TENSORS_NAME, path / _JSON_NAME
+
+
+# ------------------------------------------------------------------ deactivate
+def _resolve_neurons(neurons: Any) -> Tuple[PerLayer, Optional[NeuronSet]]:
+    if isinstance(neurons, tuple) and len(neurons) == 2 and isinstance(neurons[0], NeuronSet):
+        ns, lang = neurons
+        return ns.select(lang), ns
+    if isinstance(neurons, NeuronSet):
+        raise TypeError("pass (NeuronSet, language), not a bare NeuronSet: which language to deactivate?")
+    if isinstance(neurons, (torch.Tensor, str)) or not isinstance(neurons, Sequence):
+        raise TypeError(f"neurons must be a per-layer list of index tensors or (NeuronSet, language), "
+                        f"got {type(neurons).__name__}")
+    return [_as_index_tensor(t, f"neurons[layer {li}]") for li, t in enumerate(neurons)], None
+
+
+@contextlib.contextmanager
+def deactivate(model: torch.nn.Module, neurons: Any):
+    """Zero the given neurons' ``act(gate) * up`` in every MLP for the duration of the block.
+
+    ``neurons``: a per-layer list of index tensors (one per decoder layer) or
+    ``(NeuronSet, language)``. Sets ``mlp._lape.deactivated`` on each patched MLP and restores
+    the previous value on exit, also on an exception. Inside another ``deactivate`` block the
+    neurons add to those already deactivated. An unpatched model is patched for the duration
+    and unpatched afterwards.
+    """
+    from lape_kernels import patching
+
+    per_layer, ns = _resolve_neurons(neurons)
+    was_patched = patching.is_patched(model)
+    if not was_patched:
+        patching.patch(model, chunked_loss=False)
+    try:
+        mlps = patching.patched_mlps(model)
+        if len(per_layer) != len(mlps):
+            raise ValueError(f"neurons cover {len(per_layer)} layers, the model has {len(mlps)} MLPs")
+        new = []
+        for li, (mlp, idx) in enumerate(zip(mlps, per_layer)):
+            inter = patching.weights(mlp)[0].shape[0]
+            if ns is not None and ns.intermediate_size not in (None, inter):
+                raise ValueError(f"neuron set was made for intermediate_size {ns.intermediate_size}, "
+                                 f"layer {li} of the model has {inter}")
+            idx = torch.unique(idx, sorted=True) if idx.numel() else idx
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= inter):
+                raise ValueError(f"layer {li}: index out of range [0, {inter}): "
+                                 f"{int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])}")
+            prev = mlp._lape.deactivated
+            if prev is not None and prev.numel():
+                idx = torch.unique(torch.cat([prev.detach().cpu().long(), idx]), sorted=True)
+            device = patching.weights(mlp)[0].device
+            new.append(idx.to(device) if idx.numel() else prev)
+        saved = [mlp._lape.deactivated for mlp in mlps]
+        try:
+            for mlp, idx in zip(mlps, new):
+                mlp._lape.deactivated = idx
+            yield model
+        finally:
+            for mlp, prev in zip(mlps, saved):
+                mlp._lape.deactivated = prev
+    finally:
+        if not was_patched:
+            patching.unpatch(model)
+
+
+# ------------------------------------------------------------------ reporting
+def per_layer_table(ns: NeuronSet) -> str:
+    """Markdown table: one row per layer, one column per language, neuron counts; a total row."""
+    langs = ns.languages
+    counts = [ns.layer_counts(lang) for lang in langs]
+    lines = ["| layer | " + " | ".join(langs) + " |", "| ---: | " + " | ".join("---:" for _ in langs) + " |"]
+    for li in range(ns.num_layers):
+        lines.append(f"| {li} | " + " | ".join(str(c[li]) for c in counts) + " |")
+    lines.append("| total | " + " | ".join(str(sum(c)) for c in counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(ns: NeuronSet, path: Union[str, Path], title: Optional[str] = None) -> Path:
+    """Heat map of neurons per layer (rows) x language (columns), written to ``path``.
+
+    Uses the Agg canvas directly, so it changes no global matplotlib backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    langs = ns.languages
+    data = torch.tensor([ns.layer_counts(lang) for lang in langs], dtype=torch.int64).T.numpy()
+    fig = Figure(figsize=(max(4.0, 0.6 * len(langs) + 2.0), max(3.0, 0.22 * ns.num_layers + 1.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(langs)))
+    ax.set_xticklabels(langs, rotation=45 if len(langs) > 8 else 0)
+    ax.set_xlabel("language")
+    ax.set_ylabel("layer")
+    step = max(1, math.ceil(ns.num_layers / 16))
+    ax.set_yticks(range(0, ns.num_layers, step))
+    ax.set_title(title or (f"language neurons per layer{f' ({ns.model_id})' if ns.model_id else ''}"))
+    fig.colorbar(im, ax=ax, label="neurons")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

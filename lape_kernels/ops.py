@@ -1,0 +1,280 @@
+"""Python entry points of the ``lape_kernels`` custom ops (schemas: docs/ARCHITECTURE.md).
+
+Each function calls ``torch.ops.lape_kernels.<name>``, so the dispatcher picks the kernel: the
+C++ CPU kernels (always built), the CUDA C++ kernels (when the build had CUDA) or the Triton
+kernels (registered here for the CUDA key, see :func:`use_cuda_backend`). This module also gives
+every op a fake (meta) implementation, so ``torch.compile`` can trace it, and autograd formulas
+for the differentiable ones (``act_mul``, ``act_mul_count``, ``act_mul_split``).
+
+Importing it never imports Triton on a machine without CUDA.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference as _ref
+
+try:
+    from . import _C  # noqa: F401 - defines the op schemas and loads the CPU kernels
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        f"lape_kernels: the compiled extension lape_kernels._C could not be loaded ({exc}). "
+        "Build it with `make build` (or `python -m pip install --no-build-isolation --no-deps -e .` "
+        "in the repository root)."
+    ) from exc
+
+__all__ = [
+    "act_mul",
+    "act_mul_count",
+    "act_mul_backward",
+    "act_mul_split",
+    "act_mul_backward_split",
+    "use_cuda_backend",
+    "current_cuda_backend",
+    "cpu_kernels",
+    "CUDA_BACKENDS",
+]
+
+_ops = torch.ops.lape_kernels
+_OP_NAMES = ("act_mul", "act_mul_count", "act_mul_backward", "act_mul_split", "act_mul_backward_split")
+
+#: Which compiled CPU kernel module is in use: "avx512", "avx2" or "default".
+cpu_kernels: str = _C.cpu_kernels
+
+
+# ------------------------------------------------------------------------------ entry points --
+
+
+def act_mul(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """``act(gate) * up`` in one pass (differentiable)."""
+    return _ops.act_mul(gate, up, activation)
+
+
+def act_mul_count(
+    gate: Tensor, up: Tensor, activation: str, token_lang: Optional[Tensor], num_langs: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(act(gate) * up, over_zero [num_langs, I] int64, act_sum [num_langs, I] float64)``."""
+    return _ops.act_mul_count(gate, up, activation, token_lang, num_langs)
+
+
+def act_mul_backward(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str) -> Tuple[Tensor, Tensor]:
+    """``(grad_gate, grad_up)`` of ``act_mul``."""
+    return _ops.act_mul_backward(grad_out, gate, up, activation)
+
+
+def act_mul_split(gate: Tensor, up: Tensor, activation: str, sel: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(h with columns sel zeroed, h[:, sel])`` for ``h = act(gate) * up`` (differentiable)."""
+    return _ops.act_mul_split(gate, up, activation, sel)
+
+
+def act_mul_backward_split(
+    grad_out: Tensor, grad_out_sel: Tensor, gate: Tensor, up: Tensor, activation: str, sel: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel)``; see docs/ARCHITECTURE.md."""
+    return _ops.act_mul_backward_split(grad_out, grad_out_sel, gate, up, activation, sel)
+
+
+# ------------------------------------------------------------------------------------ fakes --
+# Same argument checks as the kernels (messages from reference.py), so errors surface while
+# tracing too; outputs are fresh contiguous tensors like the kernels'.
+
+
+def _check_rows(t: Tensor, name: str) -> None:
+    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride(1) == 1), got strides {t.stride()}")
+
+
+def _check_common(gate: Tensor, up: Tensor, activation: str) -> None:
+    _ref.check_gate_up(gate, up)
+    _check_rows(gate, "gate")
+    _check_rows(up, "up")
+    _ref.check_activation(activation)
+
+
+@torch.library.register_fake("lape_kernels::act_mul")
+def _act_mul_fake(gate, up, activation):
+    _check_common(gate, up, activation)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("lape_kernels::act_mul_count")
+def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
+    _check_common(gate, up, activation)
+    if num_langs < 1:
+        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
+    T, I = gate.shape
+    if token_lang is not None and (token_lang.dim() != 1 or token_lang.shape[0] != T or token_lang.dtype != torch.int64):
+        raise ValueError(
+            f"token_lang must be int64 of shape [{T}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}"
+        )
+    return (
+        gate.new_empty(gate.shape),
+        gate.new_empty((num_langs, I), dtype=torch.int64),
+        gate.new_empty((num_langs, I), dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("lape_kernels::act_mul_backward")
+def _act_mul_backward_fake(grad_out, gate, up, activation):
+    _check_common(gate, up, activation)
+    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("lape_kernels::act_mul_split")
+def _act_mul_split_fake(gate, up, activation, sel):
+    _check_common(gate, up, activation)
+    _ref.check_sel(sel, gate.shape[1], gate.device)
+    return gate.new_empty(gate.shape), gate.new_empty((gate.shape[0], sel.shape[0]))
+
+
+@torch.library.register_fake("lape_kernels::act_mul_backward_split")
+def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, sel):
+    _check_common(gate, up, activation)
+    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
+    _ref.check_sel(sel, gate.shape[1], gate.device)
+    T, k = gate.shape[0], sel.shape[0]
+    if grad_out_sel.dim() != 2 or grad_out_sel.shape[0] != T or grad_out_sel.shape[1] != k:
+        raise ValueError(f"grad_out_sel must have shape [{T}, {k}], got {tuple(grad_out_sel.shape)}")
+    if grad_out_sel.dtype != gate.dtype:
+        raise ValueError(f"grad_out_sel must have the dtype of gate ({gate.dtype}), got {grad_out_sel.dtype}")
+    full = gate.new_empty(gate.shape)
+    return full, gate.new_empty(gate.shape), gate.new_empty((T, k)), gate.new_empty((T, k)), gate.new_empty((T, k))
+
+
+# --------------------------------------------------------------------------------- autograd --
+# The backward ops recompute act(gate) from the saved inputs: nothing [T, I] beyond gate and up
+# is kept alive, exactly as a plain `act(gate) * up` would keep them.
+
+
+def _setup_gate_up(ctx, inputs, output):
+    gate, up, activation = inputs[0], inputs[1], inputs[2]
+    ctx.save_for_backward(gate, up)
+    ctx.activation = activation
+
+
+def _act_mul_bw(ctx, grad_out):
+    gate, up = ctx.saved_tensors
+    grad_gate, grad_up = _ops.act_mul_backward(grad_out, gate, up, ctx.activation)
+    return grad_gate, grad_up, None
+
+
+def _act_mul_count_setup(ctx, inputs, output):
+    _setup_gate_up(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _act_mul_count_bw(ctx, grad_out, _grad_over_zero, _grad_act_sum):
+    gate, up = ctx.saved_tensors
+    grad_gate, grad_up = _ops.act_mul_backward(grad_out, gate, up, ctx.activation)
+    return grad_gate, grad_up, None, None, None
+
+
+def _act_mul_split_setup(ctx, inputs, output):
+    gate, up, activation, sel = inputs
+    ctx.save_for_backward(gate, up, sel)
+    ctx.activation = activation
+
+
+def _act_mul_split_bw(ctx, grad_out, grad_out_sel):
+    gate, up, sel = ctx.saved_tensors
+    grad_gate, grad_up, grad_gate_sel, grad_up_sel, _ = _ops.act_mul_backward_split(
+        grad_out, grad_out_sel, gate, up, ctx.activation, sel
+    )
+    # Columns sel are zero in the full gradients; fill them with the selected part.
+    return grad_gate.index_copy(1, sel, grad_gate_sel), grad_up.index_copy(1, sel, grad_up_sel), None, None
+
+
+torch.library.register_autograd("lape_kernels::act_mul", _act_mul_bw, setup_context=_setup_gate_up)
+torch.library.register_autograd("lape_kernels::act_mul_count", _act_mul_count_bw, setup_context=_act_mul_count_setup)
+torch.library.register_autograd("lape_kernels::act_mul_split", _act_mul_split_bw, setup_context=_act_mul_split_setup)
+
+
+# --------------------------------------------------------------------- CUDA backend choice --
+
+#: The CUDA backends :func:`use_cuda_backend` accepts.
+CUDA_BACKENDS = ("cuda", "triton")
+_ENV_VAR = "LAPE_KERNELS_CUDA_BACKEND"
+
+# Whether the CUDA C++ kernels were compiled in (checked before any Triton registration).
+_HAS_CUDA_CPP: bool = torch._C._dispatch_has_kernel_for_dispatch_key("lape_kernels::act_mul", "CUDA")
+_triton_lib: Optional[torch.library.Library] = None
+
+
+def _register_triton() -> None:
+    """Register the Triton kernels for the CUDA key (over the C++ ones, if any)."""
+    global _triton_lib
+    if _triton_lib is not None:
+        return
+    from . import triton_kernels  # lazy: imports triton
+
+    lib = torch.library.Library("lape_kernels", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            # Replacing the C++ CUDA kernel is the point; PyTorch warns about it.
+            warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+            warnings.filterwarnings("ignore", message=r"(?s).*Warning only once for all operators")
+            for name in _OP_NAMES:
+                lib.impl(name, getattr(triton_kernels, name), "CUDA")
+    except BaseException:
+        lib._destroy()
+        raise
+    _triton_lib = lib
+
+
+def _unregister_triton() -> None:
+    """Drop the Triton registration; the dispatcher falls back to the C++ CUDA kernels."""
+    global _triton_lib
+    if _triton_lib is not None:
+        _triton_lib._destroy()
+        _triton_lib = None
+
+
+def current_cuda_backend() -> str:
+    """The backend CUDA tensors run on: ``"cuda"`` (C++ kernels) or ``"triton"``."""
+    return "cuda" if _HAS_CUDA_CPP and _triton_lib is None else "triton"
+
+
+def use_cuda_backend(name: str) -> str:
+    """Select the kernels CUDA tensors use: ``"cuda"`` (compiled C++) or ``"triton"``.
+
+    Selecting ``"cuda"`` when the C++ CUDA kernels were not compiled in raises RuntimeError.
+    Returns the backend now in use.
+    """
+    if name not in CUDA_BACKENDS:
+        raise ValueError(f"CUDA backend must be one of {CUDA_BACKENDS}, got {name!r}")
+    if name == "cuda":
+        if not _HAS_CUDA_CPP:
+            raise RuntimeError(
+                "the CUDA C++ kernels are not compiled in (this build of torch has no CUDA, or nvcc "
+                "was not found at build time); use the 'triton' backend or rebuild with `make build`"
+            )
+        _unregister_triton()
+    else:
+        _register_triton()
+    return current_cuda_backend()
+
+
+def _select_at_import() -> None:
+    """Honour LAPE_KERNELS_CUDA_BACKEND; use Triton automatically when the C++ CUDA kernels are absent."""
+    wanted = os.environ.get(_ENV_VAR, "").strip().lower()
+    if wanted not in ("",) + CUDA_BACKENDS:
+        warnings.warn(f"{_ENV_VAR}={wanted!r} is not one of {CUDA_BACKENDS}; ignoring it", stacklevel=2)
+        wanted = ""
+    if wanted == "cuda" and not _HAS_CUDA_CPP:
+        warnings.warn(f"{_ENV_VAR}=cuda but the CUDA C++ kernels are not compiled in; using Triton", stacklevel=2)
+    if not torch.cuda.is_available():
+        return  # no CUDA tensors can exist: leave Triton unimported
+    if wanted == "triton" or not _HAS_CUDA_CPP:
+        try:
+            _register_triton()
+        except Exception as exc:  # keep the CPU ops (and the C++ CUDA ones) usable
+            warnings.warn(f"lape_kernels: could not register the Triton kernels for CUDA ({exc!r})", stacklevel=2)
+
+
+_select_at_import()

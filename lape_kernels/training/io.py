@@ -1,0 +1,200 @@
+"""Save / load / merge trained neurons, in the shape of a PEFT adapter.
+
+``save_neurons(model, dir)`` writes only the trained slices (``lape_neurons.safetensors``) and a
+small ``lape_config.json``: kilobytes to megabytes, like a LoRA adapter. ``load_neurons`` puts
+them onto a fresh copy of the base model (patched, trainable again); ``merge`` writes them into
+the base weights and unpatches, leaving a plain HF model for ``save_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import torch
+from torch import nn
+
+from .. import patching
+from .sparse_mlp import INDEX_NAME, PARAM_NAMES, has_trainable_neurons
+
+__all__ = ["save_neurons", "load_neurons", "merge", "NeuronFileError", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
+
+WEIGHTS_NAME = "lape_neurons.safetensors"
+CONFIG_NAME = "lape_config.json"
+FORMAT = "lape_neurons"
+FORMAT_VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KEYS = {"index": INDEX_NAME, "gate_rows": PARAM_NAMES[0], "up_rows": PARAM_NAMES[1], "down_cols": PARAM_NAMES[2]}
+
+
+class NeuronFileError(ValueError):
+    """A saved neuron directory is malformed or does not fit the model."""
+
+
+def _require_trained(model: nn.Module, what: str) -> None:
+    if not patching.is_patched(model) or not has_trainable_neurons(model):
+        raise RuntimeError(f"{what}: the model has no trainable neurons (use lape_kernels.patch(model, neurons=...))")
+
+
+def _shape_info(model: nn.Module) -> Dict[str, Any]:
+    cfg = patching.text_config(model)
+    mlps = patching.patched_mlps(model)
+    wg, _, _ = patching.weights(mlps[0])
+    return {
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "num_layers": len(mlps),
+        "hidden_size": int(wg.shape[1]),
+        "intermediate_size": int(wg.shape[0]),
+        "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
+    }
+
+
+def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write the trained neuron slices of ``model`` to directory ``path`` (created). Returns it."""
+    from safetensors.torch import save_file
+
+    _require_trained(model, "save_neurons")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    info = _shape_info(model)
+    tensors: Dict[str, torch.Tensor] = {}
+    counts: List[int] = []
+    dtype = None
+    for li, mlp in enumerate(patching.patched_mlps(model)):
+        if mlp._lape.sparse is None:
+            counts.append(0)
+            continue
+        counts.append(int(getattr(mlp, INDEX_NAME).numel()))
+        for key, attr in _KEYS.items():
+            t = getattr(mlp, attr).detach()
+            tensors[f"layers.{li}.{key}"] = t.to("cpu").contiguous()
+        dtype = getattr(mlp, PARAM_NAMES[0]).dtype
+    if dtype is None:
+        wg, _, _ = patching.weights(patching.patched_mlps(model)[0])
+        dtype = wg.dtype
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **info,
+        "dtype": str(dtype).replace("torch.", ""),
+        "counts": counts,
+        "total_neurons": sum(counts),
+        "language": model._lape_sparse.get("language"),
+    }
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _read(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory written by save_neurons")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NeuronFileError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise NeuronFileError(f"{cfg_path}: not a lape_neurons config (format={config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise NeuronFileError(f"{cfg_path}: format_version {config.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+    for key in ("model_type", "num_layers", "hidden_size", "intermediate_size", "counts", "dtype"):
+        if key not in config:
+            raise NeuronFileError(f"{cfg_path}: missing {key!r}")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NeuronFileError(f"{w_path}: cannot read safetensors file ({e})") from None
+    return config, tensors
+
+
+def load_neurons(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Patch a fresh base ``model`` with the neurons saved at ``path`` and install their trained
+    values (trainable again). Errors clearly if the file does not fit the model."""
+    path = Path(path)
+    if has_trainable_neurons(model):
+        raise RuntimeError("load_neurons expects a base model without trainable neurons (merge or unpatch it first)")
+    config, tensors = _read(path)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config["model_type"] != model_type:
+        raise NeuronFileError(f"{path}: neurons were trained on model_type {config['model_type']!r}, model is {model_type!r}")
+    was_patched = patching.is_patched(model)
+    patching.patch(model)
+    try:
+        _install(model, path, config, tensors)
+    except BaseException:
+        if not was_patched:
+            patching.unpatch(model)
+        raise
+    return model
+
+
+def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
+    info = _shape_info(model)
+    for key in ("num_layers", "hidden_size", "intermediate_size"):
+        if config[key] != info[key]:
+            raise NeuronFileError(f"{path}: {key} mismatch: file has {config[key]}, model has {info[key]}")
+    counts = config["counts"]
+    L, H, I = info["num_layers"], info["hidden_size"], info["intermediate_size"]
+    if not isinstance(counts, list) or len(counts) != L or not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise NeuronFileError(f"{path}: 'counts' must list {L} non-negative ints, got {counts!r}")
+    dtype = _DTYPES.get(config["dtype"])
+    if dtype is None:
+        raise NeuronFileError(f"{path}: unsupported dtype {config['dtype']!r} (one of {sorted(_DTYPES)})")
+    expected = {f"layers.{li}.{key}" for li, c in enumerate(counts) if c for key in _KEYS}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise NeuronFileError(f"{path}: tensors do not match 'counts' (missing {missing[:4]}, unexpected {extra[:4]})")
+    indices, values = [], []
+    for li, k in enumerate(counts):
+        if not k:
+            indices.append(torch.zeros(0, dtype=torch.int64))
+            values.append(None)
+            continue
+        idx = tensors[f"layers.{li}.index"]
+        shapes = {"index": (k,), "gate_rows": (k, H), "up_rows": (k, H), "down_cols": (H, k)}
+        for key, shape in shapes.items():
+            t = tensors[f"layers.{li}.{key}"]
+            if tuple(t.shape) != shape:
+                raise NeuronFileError(f"{path}: layers.{li}.{key} has shape {tuple(t.shape)}, expected {shape}")
+            want = torch.int64 if key == "index" else dtype
+            if t.dtype != want:
+                raise NeuronFileError(f"{path}: layers.{li}.{key} has dtype {t.dtype}, expected {want}")
+        if int(idx.min()) < 0 or int(idx.max()) >= I or (k > 1 and not bool((idx[1:] > idx[:-1]).all())):
+            raise NeuronFileError(f"{path}: layers.{li}.index must be sorted unique indices in [0, {I})")
+        indices.append(idx)
+        values.append(tuple(tensors[f"layers.{li}.{key}"] for key in ("gate_rows", "up_rows", "down_cols")))
+    from .sparse_mlp import set_trainable_neurons
+
+    set_trainable_neurons(model, indices)
+    model._lape_sparse["language"] = config.get("language")
+    with torch.no_grad():
+        for mlp, vals in zip(patching.patched_mlps(model), values):
+            if vals is None:
+                continue
+            for name, v in zip(PARAM_NAMES, vals):
+                p = getattr(mlp, name)
+                p.copy_(v.to(device=p.device, dtype=p.dtype))
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Write the trained neuron slices into the base weights and unpatch: a plain HF model."""
+    _require_trained(model, "merge")
+    for mlp in patching.patched_mlps(model):
+        if mlp._lape.sparse is None:
+            continue
+        wg, wu, wd = patching.weights(mlp)
+        sel = getattr(mlp, INDEX_NAME)
+        wg.index_copy_(0, sel, getattr(mlp, PARAM_NAMES[0]).detach().to(wg.dtype))
+        wu.index_copy_(0, sel, getattr(mlp, PARAM_NAMES[1]).detach().to(wu.dtype))
+        wd.index_copy_(1, sel, getattr(mlp, PARAM_NAMES[2]).detach().to(wd.dtype))
+    patching.unpatch(model)
+    return model

@@ -1,0 +1,278 @@
+"""Chunked causal-LM loss: LM head + cross-entropy without the full ``[tokens, vocab]`` logits.
+
+HF's ``ForCausalLM.forward`` materialises the logits (``tokens x vocab``, 262k columns for
+Gemma), upcasts them to float32 and keeps them (plus softmax) for backward: at long sequence
+lengths that is the largest tensor of a sparse fine-tuning step. Like Liger-Kernel's fused
+linear cross-entropy, we compute the loss chunk by chunk over tokens and produce
+``d(hidden)`` (and ``d(lm_head.weight)`` when it is trainable) in the same pass, so at most one
+chunk of logits exists at a time. Per instance: ``install_chunked_loss`` sets an instance
+``forward`` on the CausalLM module (``del`` restores the class's).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "install_chunked_loss",
+    "uninstall_chunked_loss",
+    "has_chunked_loss",
+    "chunked_causal_lm_loss",
+    "default_chunk_size",
+]
+
+#: target number of logits per chunk (fp32: 32 MiB)
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_size(num_tokens: int, vocab: int) -> int:
+    """Tokens per chunk: a power of two such that a chunk holds about 8M logits."""
+    c = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    c = 1 << (c.bit_length() - 1)
+    return max(1, min(c, max(num_tokens, 1)))
+
+
+def _make_function(device_type: str):
+    class ChunkedLMLoss(torch.autograd.Function):
+        """sum over valid tokens of CE(lm_head(hidden)), times ``scale``; gradients computed in
+        the forward pass, chunk by chunk, and only scaled in backward."""
+
+        @staticmethod
+        @torch.amp.custom_fwd(device_type=device_type)
+        def forward(ctx, hidden, weight, bias, targets, scale, softcap, chunk_size, ignore_index):
+            N = hidden.shape[0]
+            need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            any_grad = need_h or need_w or need_b
+            for s in range(0, N, chunk_size):
+                h = hidden[s : s + chunk_size]
+                t = targets[s : s + chunk_size]
+                logits = F.linear(h, weight, bias)
+                capped = None
+                if softcap is not None:
+                    # same op order and dtype as the HF models (Gemma 2 / 3)
+                    logits = torch.tanh(logits / softcap)
+                    capped = logits
+                    logits = logits * softcap
+                ldt = logits.dtype
+                lf = logits.float()  # the same tensor when logits are fp32
+                del logits
+                valid = t != ignore_index
+                tt = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
+                lse = torch.logsumexp(lf, dim=-1)
+                picked = lf.gather(1, tt).squeeze(1)
+                total = total + torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+                if not any_grad:
+                    continue
+                # d loss / d logits = (softmax - onehot) * scale on valid rows
+                p = lf.sub_(lse.unsqueeze(1)).exp_()
+                vf = valid.to(p.dtype).unsqueeze(1)
+                p.scatter_add_(1, tt, -vf)
+                p.mul_(vf * scale)
+                dl = p.to(ldt)
+                del p, lf
+                if softcap is not None:
+                    dl = dl * softcap
+                    dl = dl * (1 - capped * capped)
+                    dl = dl / softcap
+                if need_h:
+                    grad_h[s : s + chunk_size] = torch.matmul(dl, weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += torch.matmul(dl.t(), h).float()
+                if need_b:
+                    grad_b += dl.float().sum(0)
+            loss = total * scale
+            ctx.save_for_backward(
+                grad_h if need_h else None,
+                grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None,
+            )
+            return loss
+
+        @staticmethod
+        @torch.amp.custom_bwd(device_type=device_type)
+        def backward(ctx, dloss):
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            scale = dloss.to(torch.float32)
+            gh = (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None
+            gw = (grad_w * scale).to(grad_w.dtype) if grad_w is not None else None
+            gb = (grad_b * scale).to(grad_b.dtype) if grad_b is not None else None
+            return gh, gw, gb, None, None, None, None, None
+
+    ChunkedLMLoss.__name__ = ChunkedLMLoss.__qualname__ = f"ChunkedLMLoss_{device_type}"
+    return ChunkedLMLoss
+
+
+# created up front: dynamo cannot trace a class statement inside a compiled region
+_FUNCTIONS: dict = {d: _make_function(d) for d in ("cpu", "cuda")}
+
+
+def _function_for(device_type: str):
+    fn = _FUNCTIONS.get(device_type)
+    if fn is None:
+        fn = _FUNCTIONS[device_type] = _make_function(device_type)
+    return fn
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: Optional[torch.Tensor],
+    *,
+    num_items_in_batch: Any = None,
+    ignore_index: int = -100,
+    shift_labels: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """HF's ``ForCausalLMLoss(lm_head(hidden), labels)`` (same shift, ``ignore_index``, mean over
+    non-ignored tokens or sum / ``num_items_in_batch``) computed chunk by chunk."""
+    H = hidden.shape[-1]
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("chunked_causal_lm_loss needs labels or shift_labels")
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} does not match the hidden states' {tuple(hidden.shape[:-1])}"
+            )
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    h2 = hidden.reshape(-1, H)
+    if targets.shape[0] != h2.shape[0]:
+        raise ValueError(f"{targets.shape[0]} labels for {h2.shape[0]} token positions")
+    if targets.dtype != torch.int64:
+        targets = targets.long()
+    if num_items_in_batch is None:
+        denom = (targets != ignore_index).sum().to(torch.float32)
+    elif torch.is_tensor(num_items_in_batch):
+        denom = num_items_in_batch.to(device=hidden.device, dtype=torch.float32)
+    else:
+        denom = torch.tensor(float(num_items_in_batch), dtype=torch.float32, device=hidden.device)
+    scale = 1.0 / denom
+    V = lm_head.weight.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(h2.shape[0], V)
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    fn = _function_for(hidden.device.type)
+    return fn.apply(h2, lm_head.weight, lm_head.bias, targets, scale, softcap, int(chunk_size), ignore_index)
+
+
+# ----------------------------------------------------------------------------- per-instance forward
+
+
+def _slice_logits_to_keep(hidden: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        return slice_logits_to_keep(hidden, logits_to_keep)
+    except ImportError:  # older transformers
+        if isinstance(logits_to_keep, int):
+            logits_to_keep = slice(-logits_to_keep, None)
+        return hidden[:, logits_to_keep, :]
+
+
+def _chunked_forward(self: nn.Module, *args: Any, **kwargs: Any):
+    """The CausalLM forward with the loss computed by ``chunked_causal_lm_loss`` (logits=None)."""
+    cls_forward = type(self).forward
+    if args:
+        names = [n for n in inspect.signature(cls_forward).parameters if n != "self"]
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument {name!r}")
+            kwargs[name] = value
+    labels = kwargs.get("labels")
+    shift_labels = kwargs.get("shift_labels")
+    if labels is None and shift_labels is None:
+        return cls_forward(self, **kwargs)
+    kwargs.pop("labels", None)
+    kwargs.pop("shift_labels", None)
+    logits_to_keep = kwargs.pop("logits_to_keep", 0)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    num_items_in_batch = kwargs.get("num_items_in_batch")
+    body = getattr(self, self.base_model_prefix, None) if hasattr(self, "base_model_prefix") else None
+    if body is None:
+        body = self.model
+    outputs = body(**kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    hidden = _slice_logits_to_keep(hidden, logits_to_keep)
+    loss = chunked_causal_lm_loss(
+        hidden,
+        self.lm_head,
+        labels,
+        num_items_in_batch=num_items_in_batch,
+        ignore_index=ignore_index,
+        shift_labels=shift_labels,
+        softcap=getattr(self.config, "final_logit_softcapping", None),
+        chunk_size=getattr(self, "_lape_loss_chunk_size", None),
+    )
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = {"loss": loss, "logits": None}
+    for name in ("cache", "past_key_values", "hidden_states", "attentions"):
+        if name in CausalLMOutputWithPast.__dataclass_fields__ and hasattr(outputs, name):
+            fields[name] = getattr(outputs, name)
+    out = CausalLMOutputWithPast(**fields)
+    return out if return_dict else out.to_tuple()
+
+
+def _applies(model: nn.Module) -> bool:
+    return (
+        isinstance(getattr(model, "lm_head", None), nn.Linear)
+        and type(model).__name__.endswith("ForCausalLM")
+        and hasattr(model, "config")
+    )
+
+
+def has_chunked_loss(model: nn.Module) -> bool:
+    fwd = model.__dict__.get("forward")
+    return getattr(fwd, "__func__", None) is not None and getattr(fwd.__func__, "_lape_chunked", False)
+
+
+def install_chunked_loss(model: nn.Module, chunk_size: Optional[int] = None) -> nn.Module:
+    """Make ``model(..., labels=...)`` compute the causal-LM loss chunked (returns ``model``).
+
+    Per instance and idempotent; a no-op for modules that are not ``*ForCausalLM`` with an
+    ``lm_head`` (e.g. a bare decoder body). ``chunk_size``: tokens per chunk (default: about
+    8M logits per chunk).
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not _applies(model):
+        return model
+    model._lape_loss_chunk_size = chunk_size
+    if has_chunked_loss(model):
+        return model
+    if "forward" in model.__dict__:
+        raise RuntimeError(
+            f"{type(model).__name__} already has an instance-level forward (another patch?): "
+            "refusing to stack the chunked loss on top of it"
+        )
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        return _chunked_forward(self, *args, **kwargs)
+
+    forward._lape_chunked = True
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def uninstall_chunked_loss(model: nn.Module) -> nn.Module:
+    """Restore the class forward (no-op when not installed)."""
+    if has_chunked_loss(model):
+        del model.forward
+    model.__dict__.pop("_lape_loss_chunk_size", None)
+    return model

@@ -1,0 +1,291 @@
+"""Sparse neuron fine-tuning: train only the selected neurons' weights of each gated MLP.
+
+For the selected neurons ``sel`` of a layer (k of them) we train ``Pg = Wg[sel]`` ``[k, H]``,
+``Pu = Wu[sel]`` ``[k, H]`` and ``Pd = Wd[:, sel]`` ``[H, k]`` as separate small parameters and
+keep the base weights frozen and untouched. The MLP output is computed as if those slices had
+been written into the weights, by one ``torch.autograd.Function`` that never forms a tensor of a
+weight's shape: no dense ``dW``, no weight clone, no full-size mask (the paper's implementation
+clones the full weight each step and gets a dense gradient). See docs/ARCHITECTURE.md,
+"Why the split ops", for the math.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import patching
+
+__all__ = [
+    "SparseState",
+    "set_trainable_neurons",
+    "clear_trainable_neurons",
+    "sparse_mlp_forward",
+    "trainable_parameters",
+    "has_trainable_neurons",
+    "PARAM_NAMES",
+]
+
+#: names of the per-MLP trainable parameters / index buffer registered by ``set_trainable_neurons``
+PARAM_NAMES = ("lape_gate_rows", "lape_up_rows", "lape_down_cols")
+INDEX_NAME = "lape_neuron_index"
+
+# The module whose act_mul_split / act_mul_backward_split we call: the compiled ops. The plain
+# PyTorch oracle (lape_kernels.reference) has the same names and signatures; tests may flip this
+# to compare both.
+_OPS_MODULE = "lape_kernels.ops"
+
+
+_LOADED: Dict[str, Any] = {}
+
+
+def _ops():
+    mod = _LOADED.get(_OPS_MODULE)
+    if mod is None:
+        mod = _LOADED[_OPS_MODULE] = importlib.import_module(_OPS_MODULE)
+    return mod
+
+
+try:  # loaded up front so that a torch.compile'd region never has to import it
+    _ops()
+except (ImportError, OSError):  # the extension is not built: the error surfaces at the first forward
+    pass
+
+
+@dataclass
+class SparseState:
+    """``mlp._lape.sparse``: what the sparse forward of one MLP needs beyond its parameters."""
+
+    layer_index: int
+    k: int
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _make_function(device_type: str):
+    class SparseMLPFunction(torch.autograd.Function):
+        """y = down(act(gate(x)) * up(x)) with rows ``sel`` of gate/up and columns ``sel`` of down
+        replaced by the trainable slices; gradients only for x and the slices."""
+
+        @staticmethod
+        @torch.amp.custom_fwd(device_type=device_type)
+        def forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation):
+            ops = _ops()
+            cdt = _compute_dtype(x)
+            # The small trainable slices may be kept in a wider dtype (fp32 master slices);
+            # casting them is cheap ([k, H]). The big weights go through F.linear as they are
+            # (autocast casts them exactly as it does for the unpatched model).
+            pgc, puc, pdc = pg.to(cdt), pu.to(cdt), pd.to(cdt)
+            gate = F.linear(x, wg, bg)
+            gate.index_copy_(1, sel, F.linear(x, pgc, None if bg is None else bg.index_select(0, sel)).to(gate.dtype))
+            up = F.linear(x, wu, bu)
+            up.index_copy_(1, sel, F.linear(x, puc, None if bu is None else bu.index_select(0, sel)).to(up.dtype))
+            h0, hs = ops.act_mul_split(gate, up, activation, sel)
+            y = F.linear(h0, wd, bd)
+            y = y + F.linear(hs, pdc).to(y.dtype)
+            # Saved: x, gate, up (h is recomputed by act_mul_backward_split); the weights are
+            # references, not copies.
+            ctx.save_for_backward(x, gate, up, wg, wu, wd, pg, pu, pd, sel)
+            ctx.activation = activation
+            return y
+
+        @staticmethod
+        @torch.amp.custom_bwd(device_type=device_type)
+        def backward(ctx, dy):
+            ops = _ops()
+            x, gate, up, wg, wu, wd, pg, pu, pd, sel = ctx.saved_tensors
+            cdt = gate.dtype
+            pgc, puc, pdc = pg.to(cdt), pu.to(cdt), pd.to(cdt)
+            dy = dy.reshape(-1, dy.shape[-1])
+            dh = torch.matmul(dy, wd).to(cdt)  # [T, I]; columns sel are replaced below
+            dhs = torch.matmul(dy.to(cdt), pdc).to(cdt)  # [T, k]
+            dgate, dup, dgate_s, dup_s, hs = ops.act_mul_backward_split(dh, dhs, gate, up, ctx.activation, sel)
+            del dh
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.matmul(dgate, wg) + torch.matmul(dup, wu)
+                dx = dx + torch.matmul(dgate_s, pgc).to(dx.dtype) + torch.matmul(dup_s, puc).to(dx.dtype)
+                dx = dx.to(x.dtype)
+            dpg = torch.matmul(dgate_s.t(), x.to(cdt)).to(pg.dtype) if ctx.needs_input_grad[7] else None
+            dpu = torch.matmul(dup_s.t(), x.to(cdt)).to(pu.dtype) if ctx.needs_input_grad[8] else None
+            dpd = torch.matmul(dy.t().to(cdt), hs).to(pd.dtype) if ctx.needs_input_grad[9] else None
+            return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None
+
+    SparseMLPFunction.__name__ = SparseMLPFunction.__qualname__ = f"SparseMLPFunction_{device_type}"
+    return SparseMLPFunction
+
+
+# created up front: dynamo cannot trace a class statement inside a compiled region
+_FUNCTIONS: Dict[str, type] = {d: _make_function(d) for d in ("cpu", "cuda")}
+
+
+def _function_for(device_type: str):
+    fn = _FUNCTIONS.get(device_type)
+    if fn is None:
+        fn = _FUNCTIONS[device_type] = _make_function(device_type)
+    return fn
+
+
+def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+    """The MLP output ``[T, H]`` for ``x2`` ``[T, H]`` with the trainable neuron slices in place."""
+    st = mlp._lape
+    if st.sparse is None:
+        raise RuntimeError("sparse_mlp_forward called on an MLP without trainable neurons")
+    wg, wu, wd = patching.weights(mlp)
+    bg, bu, bd = patching.biases(mlp)
+    for name, t in (("weights", wg), ("weights", wu), ("weights", wd), ("biases", bg), ("biases", bu), ("biases", bd)):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"layer {st.layer_index}: the MLP's base {name} require grad while sparse neuron training is "
+                "active; only the lape_* slices are trained (re-freeze the base weights, or unpatch first)"
+            )
+    fn = _function_for(x2.device.type)
+    return fn.apply(
+        x2, wg, wu, wd, bg, bu, bd,
+        mlp.lape_gate_rows, mlp.lape_up_rows, mlp.lape_down_cols,
+        getattr(mlp, INDEX_NAME), st.activation,
+    )
+
+
+# ----------------------------------------------------------------------------- set / clear
+
+
+def _model_shape(model: nn.Module):
+    _, layers = patching.decoder_layers(model)
+    cfg = patching.text_config(model)
+    mlp = layers[0].mlp
+    wg, _, _ = patching.weights(mlp) if getattr(mlp, "_lape", None) is not None else (None, None, None)
+    intermediate = wg.shape[0] if wg is not None else int(cfg.intermediate_size)
+    return len(layers), intermediate
+
+
+def _resolve(model: nn.Module, neurons: Any, language: Optional[str], num_layers: int) -> List[Any]:
+    if isinstance(neurons, (list, tuple)):
+        if language is not None:
+            raise ValueError("language= is only meaningful with a NeuronSet; got a per-layer list")
+        return list(neurons)
+    if isinstance(neurons, torch.Tensor) or not hasattr(neurons, "__getitem__"):
+        raise TypeError(
+            "neurons must be a per-layer list of int64 index tensors (one per decoder layer) or a NeuronSet "
+            f"with language=..., got {type(neurons).__name__}"
+        )
+    langs = list(getattr(neurons, "languages", []))
+    if language is None:
+        raise ValueError(f"neurons is a NeuronSet: pass language= (one of {langs})")
+    if langs and language not in langs:
+        raise KeyError(f"language {language!r} not in the NeuronSet (languages: {langs})")
+    validate = getattr(neurons, "validate", None)
+    if callable(validate):
+        validate(model)
+    return list(neurons[language])
+
+
+def _validate_layer(t: Any, li: int, intermediate: int) -> torch.Tensor:
+    where = f"neurons[layer {li}]"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor of int64 indices, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{where} must be int64 (torch.long), got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{where} must be 1-D, got shape {tuple(t.shape)}")
+    t = t.detach().cpu()
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= intermediate:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{where}: index {bad} out of range [0, {intermediate})")
+        t = torch.sort(t).values
+        dup = t[1:][t[1:] == t[:-1]]
+        if dup.numel():
+            raise ValueError(f"{where}: duplicate index {int(dup[0])}")
+    return t
+
+
+def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None) -> nn.Module:
+    """Make exactly the selected neurons' weights trainable; freeze everything else.
+
+    ``neurons``: per-layer list (one entry per decoder layer) of int64 index tensors, or a
+    NeuronSet with ``language``. The model must be patched (``lape_kernels.patch`` calls this).
+    Calling it again replaces the previous selection (its trained values are discarded).
+    """
+    if not patching.is_patched(model):
+        raise RuntimeError("set_trainable_neurons needs a patched model: use lape_kernels.patch(model, neurons=...)")
+    num_layers, intermediate = _model_shape(model)
+    per_layer = _resolve(model, neurons, language, num_layers)
+    if len(per_layer) != num_layers:
+        raise ValueError(f"neurons has {len(per_layer)} layers, the model has {num_layers} decoder layers")
+    indices = [_validate_layer(t, li, intermediate) for li, t in enumerate(per_layer)]
+
+    if has_trainable_neurons(model):
+        clear_trainable_neurons(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    counts = []
+    for mlp, sel in zip(patching.patched_mlps(model), indices):
+        k = int(sel.numel())
+        counts.append(k)
+        if k == 0:
+            continue
+        wg, wu, wd = patching.weights(mlp)
+        sel = sel.to(wg.device)
+        with torch.no_grad():
+            mlp.register_parameter(PARAM_NAMES[0], nn.Parameter(wg.index_select(0, sel).clone()))
+            mlp.register_parameter(PARAM_NAMES[1], nn.Parameter(wu.index_select(0, sel).clone()))
+            mlp.register_parameter(PARAM_NAMES[2], nn.Parameter(wd.index_select(1, sel).contiguous()))
+        mlp.register_buffer(INDEX_NAME, sel, persistent=True)
+        mlp._lape.sparse = SparseState(layer_index=mlp._lape.layer_index, k=k)
+    model._lape_sparse = {"requires_grad": flags, "language": language, "counts": counts}
+    return model
+
+
+def has_trainable_neurons(model: nn.Module) -> bool:
+    return getattr(model, "_lape_sparse", None) is not None
+
+
+def clear_trainable_neurons(model: nn.Module) -> nn.Module:
+    """Remove the trainable slices (discarding their values) and restore ``requires_grad`` flags."""
+    info = getattr(model, "_lape_sparse", None)
+    if info is None:
+        return model
+    _, layers = patching.decoder_layers(model)
+    for layer in layers:
+        mlp = layer.mlp
+        for name in PARAM_NAMES:
+            if name in mlp._parameters:
+                del mlp._parameters[name]
+        if INDEX_NAME in mlp._buffers:
+            del mlp._buffers[INDEX_NAME]
+        st = getattr(mlp, "_lape", None)
+        if st is not None:
+            st.sparse = None
+    flags = info["requires_grad"]
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+    del model._lape_sparse
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The trainable neuron slices in layer order (gate rows, up rows, down cols per layer):
+    what to hand to the optimizer."""
+    if not has_trainable_neurons(model):
+        raise RuntimeError("model has no trainable neurons: use lape_kernels.patch(model, neurons=...)")
+    out: List[nn.Parameter] = []
+    for mlp in patching.patched_mlps(model):
+        if getattr(mlp._lape, "sparse", None) is not None:
+            out.extend(getattr(mlp, n) for n in PARAM_NAMES)
+    return out
