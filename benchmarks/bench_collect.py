@@ -24,7 +24,6 @@ import argparse
 import copy
 import csv
 import math
-import os
 import platform
 import statistics
 import sys
@@ -60,7 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--sections", default="model,mlp,elementwise", help="comma list of model,mlp,elementwise")
     p.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "both"),
                    help="CUDA kernels for the patched variants: the C++ CUDA ones, Triton, or both side by side")
+    p.add_argument("--inner", type=int, default=None,
+                   help="back-to-back calls per timing in the mlp/elementwise sections (default 1 cpu, 10 cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", default="wall", choices=("wall", "process"),
+                   help="CPU timing: wall clock, or process CPU time (for machines shared with other jobs)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for results.md, results.csv, results.png")
@@ -72,9 +75,10 @@ def parse_args(argv=None):
     args.seq = args.seq or (2048 if cuda else 512)
     args.repeats = args.repeats or (20 if cuda else 7)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.inner = args.inner or (10 if cuda else 1)
     if args.layers is None:
         args.layers = 4 if cuda else SHAPES[args.shape][2]
-    for name in ("batch", "seq", "repeats", "layers", "mlp_tokens"):
+    for name in ("batch", "seq", "repeats", "layers", "mlp_tokens", "inner"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -88,22 +92,35 @@ def parse_args(argv=None):
 
 
 class Timer:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: str = "wall"):
         self.cuda = device.type == "cuda"
+        # process CPU time: robust to other processes competing for the cores (use with
+        # --threads 1, or OMP_WAIT_POLICY=PASSIVE so that idle OpenMP threads do not spin)
+        self.clock = time.process_time if clock == "process" else time.perf_counter
 
-    def __call__(self, fn: Callable[[], None]) -> float:
-        """Seconds for one call of ``fn`` (device-synchronised)."""
+    def __call__(self, fn: Callable[[], None], inner: int = 1) -> float:
+        """Seconds per call of ``fn`` (device-synchronised; mean over ``inner`` back-to-back calls)."""
         if self.cuda:
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+            return start.elapsed_time(end) / 1e3 / inner
+        t0 = self.clock()
+        for _ in range(inner):
+            fn()
+        return (self.clock() - t0) / inner
+
+
+@dataclass
+class Variant:
+    """What to time, and what to do (untimed) before each timing, e.g. select a kernel backend."""
+
+    fn: Callable[[], None]
+    setup: Optional[Callable[[], None]] = None
 
 
 @dataclass
@@ -126,15 +143,17 @@ class Result:
         return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def run_interleaved(section: str, variants: Dict[str, Callable[[], None]], timer: Timer, repeats: int,
-                    warmup: int) -> Dict[str, Result]:
+def run_interleaved(section: str, variants: Dict[str, Variant], timer: Timer, repeats: int,
+                    warmup: int, inner: int = 1) -> Dict[str, Result]:
     """Warm every variant up, then time them round-robin (order rotated each repeat)."""
     results = {name: Result(section, name) for name in variants}
     live = dict(variants)
-    for name, fn in list(live.items()):
+    for name, v in list(live.items()):
         try:
+            if v.setup:
+                v.setup()
             for _ in range(warmup):
-                fn()
+                v.fn()
         except Exception as exc:  # keep the other variants (a blind GPU run must finish)
             results[name].error = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -143,15 +162,17 @@ def run_interleaved(section: str, variants: Dict[str, Callable[[], None]], timer
     for r in range(repeats):
         k = r % len(names) if names else 0
         for name in names[k:] + names[:k]:
+            v = live[name]
             try:
-                results[name].times.append(timer(live[name]))
+                if v.setup:
+                    v.setup()
+                results[name].times.append(timer(v.fn, inner))
             except Exception as exc:
                 results[name].error = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
-                names = [n for n in names if n != name]
-                break
+        names = [n for n in names if results[n].error is None]
         print(f"  [{section}] repeat {r + 1}/{repeats}: " + ", ".join(
-            f"{n} {results[n].times[-1] * 1e3:.1f} ms" for n in names if results[n].times), flush=True)
+            f"{n} {results[n].times[-1] * 1e3:.2f} ms" for n in names if results[n].times), flush=True)
     return results
 
 
@@ -163,6 +184,7 @@ def build_body(args, device: torch.device):
     from transformers import LlamaConfig, LlamaModel
 
     hidden, inter, _, heads, kv, vocab = SHAPES[args.shape]
+    vocab = getattr(args, "vocab", None) or vocab
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.layers,
                          num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                          max_position_embeddings=max(2048, args.seq), hidden_act="silu")
@@ -238,17 +260,17 @@ def backends_for(args, device: torch.device) -> List[str]:
     return [args.backend]
 
 
-def with_backend(fn: Callable[[], None], backend: str) -> Callable[[], None]:
+def backend_setup(backend: str) -> Optional[Callable[[], None]]:
+    """Select the CUDA kernel backend before a timing (untimed); None on CPU."""
     if not backend:
-        return fn
+        return None
     from lape_kernels import ops
 
-    def run():
+    def setup():
         if ops.current_cuda_backend() != backend:
             ops.use_cuda_backend(backend)
-        fn()
 
-    return run
+    return setup
 
 
 def suffix(backend: str) -> str:
@@ -268,16 +290,16 @@ def section_model(args, device, timer, notes: List[str]) -> Dict[str, Result]:
     mask = torch.ones(args.batch, args.seq, dtype=torch.int64, device=device)
     backends = backends_for(args, device)
 
-    variants: Dict[str, Callable[[], None]] = {
-        "plain": lambda: body_plain(input_ids=ids),
-        "hooks": lambda: body_hooks(input_ids=ids),
+    variants: Dict[str, Variant] = {
+        "plain": Variant(lambda: body_plain(input_ids=ids)),
+        "hooks": Variant(lambda: body_hooks(input_ids=ids)),
     }
     patching.patch(body_patched, chunked_loss=False)
     with torch.no_grad(), lape_kernels.record(body_patched) as stats:
         for be in backends:
-            variants["record" + suffix(be)] = with_backend(lambda: body_patched(input_ids=ids), be)
-        variants["record+mask" + suffix(backends[0])] = with_backend(
-            lambda: body_patched(input_ids=ids, attention_mask=mask), backends[0])
+            variants["record" + suffix(be)] = Variant(lambda: body_patched(input_ids=ids), backend_setup(be))
+        variants["record+mask" + suffix(backends[0])] = Variant(
+            lambda: body_patched(input_ids=ids, attention_mask=mask), backend_setup(backends[0]))
         results = run_interleaved("model", variants, timer, args.repeats, args.warmup)
     # the recorded counts must be the hook counts (same forwards, same number of them)
     runs_rec = sum(len(r.times) + args.warmup for n, r in results.items() if n.startswith("record") and not r.error)
@@ -286,21 +308,20 @@ def section_model(args, device, timer, notes: List[str]) -> Dict[str, Result]:
         a = stats.over_zero.double() / runs_rec
         b = counter.over_zero.cpu().double() / runs_hook
         tokens = args.batch * args.seq
-        mismatch = float((a - b).abs().sum()) / (tokens * a.numel())
-        exact = bool(torch.equal(a, b))
-        notes.append(f"model: record vs hook counts per forward: {'bit-identical' if exact else 'differ'} "
-                     f"(mismatch fraction {mismatch:.2e} of token-neuron pairs"
-                     + ("; bf16/fp16: HF rounds act before the product, the ops round once" if args.dtype != "fp32" else "")
-                     + ")")
+        flips = float((a - b).abs().sum())
+        why = ("HF rounds act(gate) before the product, the ops round once: deeper layers' gates differ in the last bit"
+               if args.dtype != "fp32" else "last-bit differences of act propagate to deeper layers' gates")
+        notes.append("model: per-forward counts, record vs hooks: " + (
+            "bit-identical" if flips == 0 else
+            f"{flips:.0f} of {tokens * a.numel()} token-neuron signs differ ({flips / (tokens * a.numel()):.1e}; {why})"))
         notes.append(f"model: mean activation probability {float(a.mean()) / tokens:.3f}")
-    del body_plain, body_hooks, body_patched
     return results
 
 
 def section_mlp(args, device, timer, notes: List[str]) -> Dict[str, Result]:
     from lape_kernels import patching
 
-    one = argparse.Namespace(**{**vars(args), "layers": 1})
+    one = argparse.Namespace(**{**vars(args), "layers": 1, "vocab": 256})  # the MLP is what is timed
     body = build_body(one, device)
     mlp = body.layers[0].mlp
     patched_body = shell(body)
@@ -327,12 +348,12 @@ def section_mlp(args, device, timer, notes: List[str]) -> Dict[str, Result]:
         finally:
             pmlp._lape.recorder = None
 
-    variants: Dict[str, Callable[[], None]] = {"plain": lambda: mlp(x), "hooks": lambda: hooked(x)}
+    variants: Dict[str, Variant] = {"plain": Variant(lambda: mlp(x)), "hooks": Variant(lambda: hooked(x))}
     for be in backends_for(args, device):
-        variants["record" + suffix(be)] = with_backend(recording, be)
-        variants["patched" + suffix(be)] = with_backend(lambda: pmlp(x), be)
+        variants["record" + suffix(be)] = Variant(recording, backend_setup(be))
+        variants["patched" + suffix(be)] = Variant(lambda: pmlp(x), backend_setup(be))
     with torch.no_grad():
-        return run_interleaved("mlp", variants, timer, args.repeats, args.warmup)
+        return run_interleaved("mlp", variants, timer, args.repeats, args.warmup, inner=args.inner)
 
 
 def section_elementwise(args, device, timer, notes: List[str]) -> Dict[str, Result]:
@@ -357,29 +378,30 @@ def section_elementwise(args, device, timer, notes: List[str]) -> Dict[str, Resu
         acc_oz.add_(oz)
         acc_sum.add_(s)
 
-    variants: Dict[str, Callable[[], None]] = {"plain": lambda: F.silu(gate) * up, "hooks": hooks}
+    variants: Dict[str, Variant] = {"plain": Variant(lambda: F.silu(gate) * up), "hooks": Variant(hooks)}
     for be in backends_for(args, device):
-        variants["record" + suffix(be)] = with_backend(fused_count, be)
-        variants["patched" + suffix(be)] = with_backend(lambda: ops.act_mul(gate, up, "silu"), be)
+        variants["record" + suffix(be)] = Variant(fused_count, backend_setup(be))
+        variants["patched" + suffix(be)] = Variant(lambda: ops.act_mul(gate, up, "silu"), backend_setup(be))
     with torch.no_grad():
-        return run_interleaved("elementwise", variants, timer, args.repeats, args.warmup)
+        return run_interleaved("elementwise", variants, timer, args.repeats, args.warmup, inner=args.inner)
 
 
 # ----------------------------------------------------------------------------------- reporting --
 
 
 def ratio_lines(results: Dict[str, Result]) -> List[str]:
+    """Ratios of medians; the bracket is the ratio's range over the interquartile ranges."""
     lines = []
     plain, hooks = results.get("plain"), results.get("hooks")
     for name, r in results.items():
-        if not name.startswith("record") or r.error or not r.times:
+        if not (name.startswith("record") or name.startswith("patched")) or not r.times:
             continue
         if plain is not None and plain.times:
             lines.append(f"{name}/plain = {r.median / plain.median:.3f}x "
-                         f"(range {r.quantile(0) / plain.quantile(1):.3f}-{r.quantile(1) / plain.quantile(0):.3f})")
-        if hooks is not None and hooks.times:
+                         f"[{r.quantile(.25) / plain.quantile(.75):.3f}, {r.quantile(.75) / plain.quantile(.25):.3f}]")
+        if hooks is not None and hooks.times and name.startswith("record"):
             lines.append(f"hooks/{name} = {hooks.median / r.median:.3f}x "
-                         f"(range {hooks.quantile(0) / r.quantile(1):.3f}-{hooks.quantile(1) / r.quantile(0):.3f})")
+                         f"[{hooks.quantile(.25) / r.quantile(.75):.3f}, {hooks.quantile(.75) / r.quantile(.25):.3f}]")
     return lines
 
 
@@ -422,7 +444,8 @@ def write_outputs(out: Path, args, env, all_results: Dict[str, Dict[str, Result]
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"model: {args.layers} layers, batch {args.batch} x seq {args.seq}, decoder body only, no_grad, "
              f"attention {args.attn}; mlp/elementwise: {args.mlp_tokens} tokens. {args.repeats} interleaved repeats "
-             f"after {args.warmup} warm-up run(s) each; times in ms.", ""]
+             f"after {args.warmup} warm-up run(s) each; times in ms"
+             + (" of process CPU time" if args.clock == "process" and not args.device.startswith("cuda") else "") + ".", ""]
     for section, results in all_results.items():
         lines += [f"## {section}", "", "| variant | median | p25 | p75 | min | max | tokens/s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -472,7 +495,7 @@ def main(argv=None) -> int:
 
     env = environment(args, device)
     print("environment:", env, flush=True)
-    timer = Timer(device)
+    timer = Timer(device, args.clock)
     notes: List[str] = []
     all_results: Dict[str, Dict[str, Result]] = {}
     sections = {"model": section_model, "mlp": section_mlp, "elementwise": section_elementwise}

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     if cpu_smoke:
         lk_ops = None  # torch.ops would run the CPU kernels: call the Triton functions directly
     tokens = [64, 96] if args.smoke else [int(x) for x in args.tokens.split(",")]
-    for T in tokens:
+    def time_tokens(T):
+        """Append the rows for T tokens; False if a backend's counts are wrong."""
         gen = torch.Generator(device=dev).manual_seed(0)
         gate = torch.randn(T, I, device=dev, dtype=dt, generator=gen)
         up = torch.randn(T, I, device=dev, dtype=dt, generator=gen)
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         # reference point: device-to-device copy of one [T, I] tensor (read + write)
         dst = torch.empty_like(gate)
         add(T, "copy", "torch copy_", lambda: dst.copy_(gate), 2 * n)
-        del dst
+        dst = None
 
         # sanity: backends agree with the reference on the counts before anything is timed
         if T == tokens[0]:
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
                 oz = backend(name).act_mul_count(gate, up, "silu", lang, 4)[1]
                 if not torch.equal(oz, r_oz):
                     print(f"ERROR: {name} counts differ from the reference", file=sys.stderr)
-                    return 1
+                    return False
 
         # forward + count
         add(T, "act*up (no count)", "eager F.silu(g)*u", lambda: F.silu(gate) * up, 3 * n)
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
         add(T, f"split bwd (k={k})", "eager", eager_backward_split, 5 * n)
         for name in impls:
             ops = backend(name)
-            add(T, f"split fwd (k={k})", f"{name} act_mul_split", lambda: ops.act_mul_split(gate, up, "silu", sel), 3 * n)
+            add(T, f"split fwd (k={k})", f"{name} act_mul_split",
+                lambda: ops.act_mul_split(gate, up, "silu", sel), 3 * n)
             add(T, f"split bwd (k={k})", f"{name} act_mul_backward_split",
                 lambda: ops.act_mul_backward_split(grad, grad_sel, gate, up, "silu", sel), 5 * n)
 
@@ -170,8 +172,11 @@ def main(argv=None) -> int:
                 add(T, "act*up + count (4 langs)", f"triton direct, tile {cfg[0]}x{cfg[1]} w{cfg[2]}",
                     lambda: tk.act_mul_count(gate, up, "silu", lang, 4), 3 * n)
             tk.CONFIGS.update(saved)
+        return True
 
-        del gate, up, grad, grad_sel
+    for T in tokens:
+        if not time_tokens(T):
+            return 1
         if not cpu_smoke:
             torch.cuda.empty_cache()
 

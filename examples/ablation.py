@@ -58,6 +58,12 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     corpus = load_corpus(data, languages, cache_dir=cache_dir)
     packed = pack_validation(tok, corpus, languages, seq_len, val_tokens)
     patching.patch(m)
+    from lape_kernels.experiment.common import eval_loss_chunk
+    from lape_kernels.training.loss import install_chunked_loss
+
+    install_chunked_loss(m, chunk_size=eval_loss_chunk(m))
+    for p in m.parameters():  # nothing trains: skip the loss's gradient work
+        p.requires_grad_(False)
 
     def ppl(tag: str) -> Dict[str, float]:
         return language_perplexities(m, packed, batch_size, dev, desc=tag)

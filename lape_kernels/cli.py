@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 __all__ = ["main", "build_parser"]
 
@@ -143,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def finetune_config(args: Any):
+    """The ``FinetuneConfig`` of parsed ``finetune`` arguments (or of an argument list)."""
+    from .experiment.finetune import FinetuneConfig
+
+    if isinstance(args, (list, tuple)):
+        args = build_parser().parse_args(["finetune", *args])
+    return FinetuneConfig(
+        model=args.model, language=args.language, method=args.method, out=args.out, data=args.data,
+        neurons=args.neurons, tokens=args.tokens, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, warmup_steps=args.warmup_steps, seq_len=args.seq_len,
+        batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, eval_every=args.eval_every, eval_at_start=args.eval_at_start,
+        val_tokens=args.val_tokens, eval_batch_size=args.eval_batch_size, save_every=args.save_every,
+        seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast, cache_dir=args.cache_dir,
+        stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "collect":
         from .experiment.collect import collect
@@ -164,17 +181,9 @@ def _run(args: argparse.Namespace) -> int:
         print(args.out)
         return 0
     if args.command == "finetune":
-        from .experiment.finetune import FinetuneConfig, finetune
+        from .experiment.finetune import finetune
 
-        cfg = FinetuneConfig(
-            model=args.model, language=args.language, method=args.method, out=args.out, data=args.data,
-            neurons=args.neurons, tokens=args.tokens, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip, warmup_steps=args.warmup_steps, seq_len=args.seq_len,
-            batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, eval_every=args.eval_every, eval_at_start=args.eval_at_start,
-            val_tokens=args.val_tokens, eval_batch_size=args.eval_batch_size, save_every=args.save_every,
-            seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast, cache_dir=args.cache_dir,
-            stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
+        cfg = finetune_config(args)
         summary = finetune(cfg)
         print(f"trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,} "
               f"({100 * summary['trainable_fraction']:.4f}%)")

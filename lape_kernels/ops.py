@@ -89,6 +89,14 @@ def _check_rows(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must have a contiguous last dimension (stride(1) == 1), got strides {t.stride()}")
 
 
+def _check_sel_meta(sel: Tensor, gate: Tensor) -> None:
+    # Values (range, order) are data: the kernels check them, a fake tensor has none.
+    if sel.dim() != 1 or sel.dtype != torch.int64:
+        raise ValueError(f"sel must be a 1-D int64 tensor, got {sel.dtype} of shape {tuple(sel.shape)}")
+    if sel.device != gate.device:
+        raise ValueError(f"sel must be on {gate.device}, got {sel.device}")
+
+
 def _check_common(gate: Tensor, up: Tensor, activation: str) -> None:
     _ref.check_gate_up(gate, up)
     _check_rows(gate, "gate")
@@ -129,7 +137,7 @@ def _act_mul_backward_fake(grad_out, gate, up, activation):
 @torch.library.register_fake("lape_kernels::act_mul_split")
 def _act_mul_split_fake(gate, up, activation, sel):
     _check_common(gate, up, activation)
-    _ref.check_sel(sel, gate.shape[1], gate.device)
+    _check_sel_meta(sel, gate)
     return gate.new_empty(gate.shape), gate.new_empty((gate.shape[0], sel.shape[0]))
 
 
@@ -137,7 +145,7 @@ def _act_mul_split_fake(gate, up, activation, sel):
 def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, sel):
     _check_common(gate, up, activation)
     _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
-    _ref.check_sel(sel, gate.shape[1], gate.device)
+    _check_sel_meta(sel, gate)
     T, k = gate.shape[0], sel.shape[0]
     if grad_out_sel.dim() != 2 or grad_out_sel.shape[0] != T or grad_out_sel.shape[1] != k:
         raise ValueError(f"grad_out_sel must have shape [{T}, {k}], got {tuple(grad_out_sel.shape)}")

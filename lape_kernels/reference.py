@@ -46,6 +46,11 @@ def check_sel(sel: torch.Tensor, intermediate: int, device: torch.device) -> Non
         raise ValueError(f"sel must be a 1-D int64 tensor, got {sel.dtype} of shape {tuple(sel.shape)}")
     if sel.device != device:
         raise ValueError(f"sel must be on {device}, got {sel.device}")
+    if sel.numel() > 0:
+        if int(sel.min()) < 0 or int(sel.max()) >= intermediate:
+            raise ValueError(f"sel values must be in [0, {intermediate}), got range [{int(sel.min())}, {int(sel.max())}]")
+        if sel.numel() > 1 and not bool((sel[1:] > sel[:-1]).all()):
+            raise ValueError("sel must be sorted ascending and unique")
 
 
 def act_fp32(gate: torch.Tensor, activation: str) -> torch.Tensor:

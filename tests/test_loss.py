@@ -278,3 +278,8 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0],
                                rtol=1e-6, atol=1e-7)
+
+
+def test_default_chunk_size_on_gpus_is_larger():
+    assert default_chunk_size(4096, 128256, "cuda") == 256
+    assert default_chunk_size(4096, 128256, "cpu") == 64

@@ -10,7 +10,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lape_kernels
 from lape_kernels import patching
 from lape_kernels.stats import ActivationStats, StatsByLanguage, record
 

@@ -3,8 +3,8 @@
 Without CUDA they run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set
 below and in conftest.py before triton is imported); with CUDA on GPU tensors, where the
 registered torch.ops under the "triton" backend are checked too. Counts are compared exactly,
-values to one rounding of the dtype. (The interpreter truncates fp32 -> bf16 instead of rounding
-to nearest: still within one bf16 ulp.)
+values to one rounding of the dtype plus the fp32 conditioning of the activations (see TOL).
+(The interpreter truncates fp32 -> bf16 instead of rounding to nearest: within one bf16 ulp.)
 """
 from __future__ import annotations
 
@@ -25,24 +25,84 @@ from lape_kernels import triton_kernels as tk  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = ("silu", "gelu_tanh", "gelu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# atol: act(g) * u for g < 0 is 0.5 g (1 + erf|tanh(..)) u, which cancels in fp32; one ulp of
-# erf/tanh near -1 (6e-8) moves it by up to ~1e-6 for |g|, |u| ~ 10, in the reference itself.
-TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5)}
+# Error model. Results are rounded once to the dtype: (rtol, atol) per dtype. On top of that,
+# act and act' are ill-conditioned in fp32 where 1 + tanh/erf or 1 - sigmoid cancel (gelu* for
+# g < -3, silu' for g > 3): a few ulps of difference between two correct tanh/erf/exp (the
+# reference's included) move act(g) by ~|g| ulps and act'(g) by ~|g|^3 ulps. So the tolerance
+# also carries COND (8 fp32 ulps of 1) times a per-element scale: |u| (1 + |g|) for act * up,
+# |dh| |u| (1 + |g| (1 + 0.135 g^2)) for grad_gate, |dh| (1 + |g|) for grad_up.
+TOL = {torch.float32: (2e-5, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5)}
+COND = 2.0**-21
 
 
-def assert_close(actual, expected):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+def act_scale(gate):
+    return 1.0 + gate.float().abs()
+
+
+def fwd_scale(gate, up):
+    return act_scale(gate) * up.float().abs()
+
+
+def bwd_scales(dh, gate, up):
+    g = gate.float().abs()
+    dh = dh.float().abs()
+    return dh * up.float().abs() * (1.0 + g * (1.0 + 0.135 * g * g)), dh * act_scale(gate)
+
+
+def check_close(actual, expected, scale=None):
+    """|actual - expected| <= atol + rtol |expected| + COND * scale, elementwise (NaN == NaN)."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.device == expected.device
     rtol, atol = TOL[expected.dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, equal_nan=True)
+    a, e = actual.float(), expected.float()
+    tol = atol + rtol * e.abs()
+    if scale is not None:
+        tol = tol + COND * scale
+    ok = (a == e) | (a.isnan() & e.isnan()) | ((a - e).abs() <= tol)
+    if not bool(ok.all()):
+        i = tuple((~ok).nonzero()[0].tolist())
+        raise AssertionError(
+            f"{int((~ok).sum())} of {ok.numel()} elements differ; first at {i}: "
+            f"got {a[i].item()}, expected {e[i].item()}, tolerance {tol[i].item()}"
+        )
 
 
-def assert_count_close(got, exp):
+def check_count(got, gate, up, activation, token_lang, num_langs):
+    """Counts bit-exact; outputs and float64 sums within the error model."""
     out, oz, sums = got
+    exp = ref.act_mul_count(gate, up, activation, token_lang, num_langs)
     assert oz.dtype == torch.int64 and sums.dtype == torch.float64
-    assert_close(out, exp[0])
+    assert oz.shape == sums.shape == (num_langs, gate.shape[1])
+    check_close(out, exp[0], fwd_scale(gate, up))
     assert torch.equal(oz, exp[1])
-    torch.testing.assert_close(sums, exp[2], rtol=1e-5, atol=1e-5, equal_nan=True)
+    tol = 1e-9 + 1e-6 * exp[2].abs() + COND * act_scale(gate).double().sum(0)
+    ok = (sums == exp[2]) | (sums.isnan() & exp[2].isnan()) | ((sums - exp[2]).abs() <= tol)
+    assert bool(ok.all()), f"act_sum differs at {(~ok).nonzero()[:5].tolist()}"
+
+
+def check_backward(got, grad_out, gate, up, activation):
+    sg, su = bwd_scales(grad_out, gate, up)
+    for a, e, s in zip(got, ref.act_mul_backward(grad_out, gate, up, activation), (sg, su)):
+        check_close(a, e, s)
+
+
+def check_split(got, gate, up, activation, sel):
+    assert len(got) == 2
+    s = fwd_scale(gate, up)
+    for a, e, sc in zip(got, ref.act_mul_split(gate, up, activation, sel), (s, s[:, sel])):
+        check_close(a, e, sc)
+    assert torch.all(got[0][:, sel] == 0)
+
+
+def check_backward_split(got, grad_out, grad_out_sel, gate, up, activation, sel):
+    assert len(got) == 5
+    exp = ref.act_mul_backward_split(grad_out, grad_out_sel, gate, up, activation, sel)
+    dh = grad_out.float().index_copy(1, sel, grad_out_sel.float())
+    sg, su = bwd_scales(dh, gate, up)
+    so = fwd_scale(gate, up)
+    for a, e, s in zip(got, exp, (sg, su, sg[:, sel], su[:, sel], so[:, sel])):
+        check_close(a, e, s)
 
 
 def gate_up_halves(T, I, dtype, scale=3.0, seed=0):
@@ -87,16 +147,15 @@ def check_all_ops(T, I, dtype, activation, impl_kwargs=None, ks=(0, 7)):
     else:
         out = tk.act_mul(gate, up, activation)
         count = tk.act_mul_count(gate, up, activation, lang, 3)
-    assert_close(out, ref.act_mul(gate, up, activation))
-    assert_count_close(count, ref.act_mul_count(gate, up, activation, lang, 3))
+    check_close(out, ref.act_mul(gate, up, activation), fwd_scale(gate, up))
+    check_count(count, gate, up, activation, lang, 3)
 
     grad_out = randn(T, I, dtype=dtype)
     if kw:
         got = tk._bwd_impl(grad_out, gate, up, activation, **kw)[:2]
     else:
         got = tk.act_mul_backward(grad_out, gate, up, activation)
-    for a, e in zip(got, ref.act_mul_backward(grad_out, gate, up, activation)):
-        assert_close(a, e)
+    check_backward(got, grad_out, gate, up, activation)
 
     for k in ks:
         sel = sorted_sel(I, k, seed=k)
@@ -109,13 +168,8 @@ def check_all_ops(T, I, dtype, activation, impl_kwargs=None, ks=(0, 7)):
         else:
             split = tk.act_mul_split(gate, up, activation, sel)
             bsplit = tk.act_mul_backward_split(grad_out, gos, gate, up, activation, sel)
-        for a, e in zip(split, ref.act_mul_split(gate, up, activation, sel)):
-            assert_close(a, e)
-        assert torch.all(split[0][:, sel] == 0)
-        exp = ref.act_mul_backward_split(grad_out, gos, gate, up, activation, sel)
-        assert len(bsplit) == 5
-        for a, e in zip(bsplit, exp):
-            assert_close(a, e)
+        check_split(split, gate, up, activation, sel)
+        check_backward_split(bsplit, grad_out, gos, gate, up, activation, sel)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -140,7 +194,7 @@ def test_count_special_values(activation, dtype):
     gate = vals.repeat(6, 2).to(dtype).to(DEVICE)
     up = torch.ones_like(gate)
     lang = torch.tensor([0, 0, 1, -1, 1, 0], device=DEVICE)
-    assert_count_close(tk.act_mul_count(gate, up, activation, lang, 2), ref.act_mul_count(gate, up, activation, lang, 2))
+    check_count(tk.act_mul_count(gate, up, activation, lang, 2), gate, up, activation, lang, 2)
 
 
 def test_count_languages_changing_every_row():
@@ -149,7 +203,7 @@ def test_count_languages_changing_every_row():
     gate, up = gate_up_halves(T, I, torch.float32, seed=4)
     lang = (torch.arange(T) % (L + 1) - 1).to(DEVICE)
     got = tk._fwd_impl(gate, up, "silu", count=True, token_lang=lang, num_langs=L, block_t=8, block_i=16, row_progs=2)
-    assert_count_close((got[0], got[2], got[3]), ref.act_mul_count(gate, up, "silu", lang, L))
+    check_count((got[0], got[2], got[3]), gate, up, "silu", lang, L)
 
 
 @pytest.mark.parametrize("run", [8, 16, 24, 5])
@@ -161,13 +215,13 @@ def test_count_language_runs_across_tiles(run, row_progs):
     lang = ((torch.arange(T) // run) % (L + 1) - 1).to(DEVICE)  # -1, 0, 1, 2, -1, ...
     got = tk._fwd_impl(gate, up, "gelu", count=True, token_lang=lang, num_langs=L, block_t=8, block_i=16,
                        row_progs=row_progs)
-    assert_count_close((got[0], got[2], got[3]), ref.act_mul_count(gate, up, "gelu", lang, L))
+    check_count((got[0], got[2], got[3]), gate, up, "gelu", lang, L)
 
 
 def test_count_without_token_lang_counts_language_zero():
     gate, up = gate_up_halves(33, 20, torch.bfloat16)
     got = tk.act_mul_count(gate, up, "gelu", None, 3)
-    assert_count_close(got, ref.act_mul_count(gate, up, "gelu", None, 3))
+    check_count(got, gate, up, "gelu", None, 3)
     assert torch.all(got[1][1:] == 0)
 
 
@@ -176,32 +230,31 @@ def test_contiguous_inputs_and_views():
     T, I = 20, 24
     gate = randn(T, I, dtype=torch.float16, seed=5)
     up = randn(T, I, dtype=torch.float16, seed=6)
-    assert_close(tk.act_mul(gate, up, "silu"), ref.act_mul(gate, up, "silu"))
+    check_close(tk.act_mul(gate, up, "silu"), ref.act_mul(gate, up, "silu"), fwd_scale(gate, up))
     grad_out = randn(I, T, dtype=torch.float16, seed=7).t()  # stride(1) != 1
-    for a, e in zip(tk.act_mul_backward(grad_out, gate, up, "gelu"), ref.act_mul_backward(grad_out, gate, up, "gelu")):
-        assert_close(a, e)
+    check_backward(tk.act_mul_backward(grad_out, gate, up, "gelu"), grad_out, gate, up, "gelu")
     big = randn(T, 3 * I + 5, dtype=torch.float32, seed=8)
     g, u = big[:, 5 : 5 + I], big[:, 2 * I + 5 :]
-    assert_count_close(tk.act_mul_count(g, u, "gelu_tanh", None, 1), ref.act_mul_count(g, u, "gelu_tanh", None, 1))
+    check_count(tk.act_mul_count(g, u, "gelu_tanh", None, 1), g, u, "gelu_tanh", None, 1)
 
 
 @pytest.mark.parametrize("T,I", [(0, 16), (5, 0), (0, 0), (1, 1)])
 def test_empty_and_degenerate_shapes(T, I):
     gate = randn(T, I, dtype=torch.float32)
     up = randn(T, I, dtype=torch.float32, seed=2)
-    assert_close(tk.act_mul(gate, up, "silu"), ref.act_mul(gate, up, "silu"))
-    assert_count_close(tk.act_mul_count(gate, up, "gelu", None, 2), ref.act_mul_count(gate, up, "gelu", None, 2))
+    check_close(tk.act_mul(gate, up, "silu"), ref.act_mul(gate, up, "silu"))
+    check_count(tk.act_mul_count(gate, up, "gelu", None, 2), gate, up, "gelu", None, 2)
     sel = torch.arange(min(I, 1), device=DEVICE)
-    for a, e in zip(tk.act_mul_split(gate, up, "silu", sel), ref.act_mul_split(gate, up, "silu", sel)):
-        assert_close(a, e)
+    check_split(tk.act_mul_split(gate, up, "silu", sel), gate, up, "silu", sel)
     grad_out = randn(T, I, dtype=torch.float32, seed=3)
     gos = randn(T, sel.numel(), dtype=torch.float32, seed=4)
     got = tk.act_mul_backward_split(grad_out, gos, gate, up, "gelu_tanh", sel)
-    for a, e in zip(got, ref.act_mul_backward_split(grad_out, gos, gate, up, "gelu_tanh", sel)):
-        assert_close(a, e)
+    check_backward_split(got, grad_out, gos, gate, up, "gelu_tanh", sel)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# On a GPU every new tiling is a Triton compilation (~1 s): fewer examples there.
+@settings(max_examples=25 if DEVICE == "cpu" else 10, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     T=st.integers(0, 40),
     I=st.integers(1, 70),
@@ -219,7 +272,7 @@ def test_count_property(T, I, block_t, block_i, row_progs, num_langs, dtype, act
     lang = runs_lang(T, num_langs, seed=seed)
     got = tk._fwd_impl(gate, up, activation, count=True, token_lang=lang, num_langs=num_langs,
                        block_t=block_t, block_i=block_i, row_progs=row_progs)
-    assert_count_close((got[0], got[2], got[3]), ref.act_mul_count(gate, up, activation, lang, num_langs))
+    check_count((got[0], got[2], got[3]), gate, up, activation, lang, num_langs)
 
 
 def check_errors(ops, device):
@@ -354,15 +407,15 @@ def test_registered_ops_use_triton(triton_backend, dtype):
     gate, up = gate_up_halves(T, I, dtype)
     lang = runs_lang(T, 2)
     for activation in ACTS:
-        assert_close(ops.act_mul(gate, up, activation), ref.act_mul(gate, up, activation))
-        assert_count_close(ops.act_mul_count(gate, up, activation, lang, 2),
-                           ref.act_mul_count(gate, up, activation, lang, 2))
+        check_close(ops.act_mul(gate, up, activation), ref.act_mul(gate, up, activation), fwd_scale(gate, up))
+        check_count(ops.act_mul_count(gate, up, activation, lang, 2), gate, up, activation, lang, 2)
         sel = sorted_sel(I, 9)
         grad_out = randn(T, I, dtype=dtype)
         gos = randn(T, 9, dtype=dtype)
-        for a, e in zip(ops.act_mul_backward_split(grad_out, gos, gate, up, activation, sel),
-                        ref.act_mul_backward_split(grad_out, gos, gate, up, activation, sel)):
-            assert_close(a, e)
+        check_backward(ops.act_mul_backward(grad_out, gate, up, activation), grad_out, gate, up, activation)
+        check_split(ops.act_mul_split(gate, up, activation, sel), gate, up, activation, sel)
+        check_backward_split(ops.act_mul_backward_split(grad_out, gos, gate, up, activation, sel),
+                             grad_out, gos, gate, up, activation, sel)
     check_errors(ops, "cuda")
 
 
@@ -374,8 +427,4 @@ def test_triton_count_exact_at_llama_8b_size():
     gate = torch.randn(T, I, device="cuda", generator=gen, dtype=torch.bfloat16)
     up = torch.randn(T, I, device="cuda", generator=gen, dtype=torch.bfloat16)
     lang = torch.arange(T, device="cuda") // 300 % 5 - 1
-    out, oz, sums = tk.act_mul_count(gate, up, "silu", lang, 4)
-    r_out, r_oz, r_sum = ref.act_mul_count(gate, up, "silu", lang, 4)
-    assert torch.equal(oz, r_oz)
-    torch.testing.assert_close(sums, r_sum, rtol=1e-5, atol=1e-4)
-    assert_close(out, r_out)
+    check_count(tk.act_mul_count(gate, up, "silu", lang, 4), gate, up, "silu", lang, 4)

@@ -104,15 +104,16 @@ inline Tensor check_sel(const Tensor& sel, int64_t I) {
     TORCH_CHECK_VALUE(p[j] >= 0 && p[j] < I, "sel values must be in [0, ", I, "), got sel[", j,
                       "] = ", p[j]);
     TORCH_CHECK_VALUE(j == 0 || p[j] > p[j - 1],
-                      "sel must be sorted ascending without duplicates, got sel[", j - 1,
+                      "sel must be sorted ascending and unique, got sel[", j - 1,
                       "] = ", p[j - 1], " and sel[", j, "] = ", p[j]);
   }
   return s;
 }
 
 // --------------------------------------------------------------------------------- the math --
-// Written as the reference writes it (same operation order, no contraction): see
-// lape_kernels/reference.py act_fp32 / act_grad_fp32.
+// Same functions as lape_kernels/reference.py act_fp32 / act_grad_fp32, in fp32; the order of
+// operations differs where that is cheaper or more accurate (agreement: a few ulp, relative to
+// |act| + |g|, see tests/test_ops.py).
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;   // sqrt(2 / pi)
 constexpr float kInvSqrt2 = 0.7071067811865476f;      // 1 / sqrt(2)
@@ -120,17 +121,65 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
 constexpr float kGeluC = 0.044715f;
 constexpr float kGeluC3 = 0.134145f;                  // 3 * 0.044715 (as Python folds it)
 
-inline fVec sigmoid(const fVec& g) {
-  return (fVec(1.0f) + g.neg().exp()).reciprocal();
+// exp(x), inlined (a call into SLEEF makes every live vector register spill). Cody-Waite
+// reduction x = q ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial (truncation error below
+// 0.15 ulp), then 2^q applied as two exact power-of-two factors so that overflow gives inf and
+// underflow rounds once into the subnormals. Max error about 1.5 ulp; NaN propagates (min(hi,
+// x) returns x when x is NaN, max(lo, NaN) returns NaN, and the polynomial keeps it).
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2Hi = 0.693145751953125f;
+constexpr float kLn2Lo = 1.428606765330187e-06f;
+constexpr float kExpC[8] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f,
+                            1.0f / 6.0f,    0.5f,           1.0f,           1.0f};
+
+inline fVec exp_inline(const fVec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(q, _mm512_set1_ps(kLn2Hi), v);
+  r = _mm512_fnmadd_ps(q, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC[0]);
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[i]));
+  const __m512i qi = _mm512_cvtps_epi32(q);
+  const __m512i q1 = _mm512_srai_epi32(qi, 1);
+  const __m512i q2 = _mm512_sub_epi32(qi, q1);
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23));
+  const __m512 f2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23));
+  return _mm512_mul_ps(_mm512_mul_ps(p, f1), f2);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 v = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_min_ps(_mm256_set1_ps(89.0f), x));
+  const __m256 q = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(q, _mm256_set1_ps(kLn2Hi), v);
+  r = _mm256_fnmadd_ps(q, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpC[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC[i]));
+  const __m256i qi = _mm256_cvtps_epi32(q);
+  const __m256i q1 = _mm256_srai_epi32(qi, 1);
+  const __m256i q2 = _mm256_sub_epi32(qi, q1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q1, bias), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+#else
+  return x.exp();
+#endif
 }
 
+// 1 / (1 + exp(-x)).
+inline fVec sigmoid(const fVec& x) { return (fVec(1.0f) + exp_inline(x.neg())).reciprocal(); }
+
+// act(g). silu and gelu_tanh are both g * sigmoid(z) (gelu_tanh: 0.5 (1 + tanh(y)) ==
+// sigmoid(2y)), computed as one division; gelu uses PyTorch's vectorised erf.
 template <Act A>
 inline fVec act(const fVec& g) {
   if constexpr (A == Act::silu) {
-    return g * sigmoid(g);
+    return g / (fVec(1.0f) + exp_inline(g.neg()));
   } else if constexpr (A == Act::gelu_tanh) {
-    const fVec inner = fVec(kSqrt2OverPi) * (g + fVec(kGeluC) * g * g * g);
-    return fVec(0.5f) * g * (fVec(1.0f) + inner.tanh());
+    const fVec z2 = fVec(-2.0f * kSqrt2OverPi) * (g + fVec(kGeluC) * g * g * g);  // -2y
+    return g / (fVec(1.0f) + exp_inline(z2));
   } else {
     return fVec(0.5f) * g * (fVec(1.0f) + (g * fVec(kInvSqrt2)).erf());
   }
@@ -145,15 +194,16 @@ inline void act_and_grad(const fVec& g, fVec& a, fVec& d) {
     a = g * s;
     d = s * (one + g * (one - s));
   } else if constexpr (A == Act::gelu_tanh) {
-    const fVec inner = fVec(kSqrt2OverPi) * (g + fVec(kGeluC) * g * g * g);
-    const fVec t = inner.tanh();
+    // s = sigmoid(2y) = (1 + tanh y) / 2, so 1 - tanh(y)^2 = 4 s (1 - s):
+    // act' = s + 2 g s (1 - s) dy/dg.
+    const fVec s = sigmoid(fVec(2.0f * kSqrt2OverPi) * (g + fVec(kGeluC) * g * g * g));
     const fVec d_inner = fVec(kSqrt2OverPi) * (one + fVec(kGeluC3) * g * g);
-    a = half * g * (one + t);
-    d = half * (one + t) + half * g * (one - t * t) * d_inner;
+    a = g * s;
+    d = s + fVec(2.0f) * g * s * (one - s) * d_inner;
   } else {
     const fVec e = one + (g * fVec(kInvSqrt2)).erf();
     a = half * g * e;
-    d = half * e + g * fVec(kInvSqrt2Pi) * (fVec(-0.5f) * g * g).exp();
+    d = half * e + g * fVec(kInvSqrt2Pi) * exp_inline(fVec(-0.5f) * g * g);
   }
 }
 
@@ -320,37 +370,90 @@ inline Tensor act_mul(const Tensor& gate, const Tensor& up, const std::string& a
 }
 
 // ---------------------------------------------------------------------------- act_mul_count --
-// Work is split into column blocks (and, when there are few of those, row blocks). A task owns
-// a [rows, columns] tile and its own per-language accumulators (fp32 counts, exact since a tile
-// has < 2^24 rows; fp64 sums, fed by fp32 sums of kRowGroup rows), so no atomics are needed;
-// tiles of the same columns are then added in a fixed order.
+// Work is split into tiles of rows x columns (full rows unless I is large); each task owns a
+// tile and its own per-language accumulators, so no atomics are needed, and the results of
+// row tiles are added in a fixed order at the end. Rows are walked in memory order. Per
+// language the accumulators are: fp32 counts (exact: a tile has < 2^24 rows), fp32 sums of
+// at most kFlushRows rows, flushed into fp64 sums.
 
-constexpr int64_t kCountBlock = 64 * kW;     // columns per tile (a multiple of kW)
-constexpr int64_t kMaxTileRows = 1 << 24;    // fp32 counters stay exact
-constexpr int64_t kRowGroup = 1;             // rows summed in registers (fp32) per flush
+constexpr int64_t kCountCols = 128 * kW;   // max columns per tile (a multiple of kW)
+constexpr int64_t kMaxTileRows = 1 << 24;  // fp32 counters stay exact
+constexpr int64_t kFlushRows = 8;          // rows per fp32 partial sum
 
-// cnt[j] += n[j] (fp32 counts), sum[j] += (double)a[j], for one fp32 vector.
-inline void accumulate(const fVec& n, const fVec& a, float* cnt, double* sum) {
-  (fVec::loadu(cnt) + n).store(cnt);
+// cnt[j] += (a[j] > 0) for one fp32 vector (NaN is not > 0).
+inline void count_positive(const fVec& a, float* cnt) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = a;
-  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-  const __m512d hi =
-      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  _mm512_storeu_pd(sum, _mm512_add_pd(_mm512_loadu_pd(sum), lo));
-  _mm512_storeu_pd(sum + 8, _mm512_add_pd(_mm512_loadu_pd(sum + 8), hi));
+  const __m512 c = _mm512_loadu_ps(cnt);
+  const __mmask16 k = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GE_OQ);
+  _mm512_storeu_ps(cnt, _mm512_mask_add_ps(c, k, c, _mm512_set1_ps(1.0f)));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 v = a;
-  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-  _mm256_storeu_pd(sum, _mm256_add_pd(_mm256_loadu_pd(sum), lo));
-  _mm256_storeu_pd(sum + 4, _mm256_add_pd(_mm256_loadu_pd(sum + 4), hi));
+  const __m256 m = _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ);
+  _mm256_storeu_ps(cnt, _mm256_add_ps(_mm256_loadu_ps(cnt), _mm256_and_ps(m, _mm256_set1_ps(1.0f))));
 #else
-  alignas(64) float buf[fVec::size()];
-  a.store(buf);
-  for (int64_t j = 0; j < fVec::size(); ++j) sum[j] += static_cast<double>(buf[j]);
+  (fVec::loadu(cnt) + ((a > fVec(0.0f)) & fVec(1.0f))).store(cnt);
 #endif
 }
+
+// One kW step of act values into a language's counts and fp32 sums.
+inline void add_act(const fVec& a0, const fVec& a1, float* cnt, float* sum) {
+  count_positive(a0, cnt);
+  count_positive(a1, cnt + fVec::size());
+  (fVec::loadu(sum) + a0).store(sum);
+  (fVec::loadu(sum + fVec::size()) + a1).store(sum + fVec::size());
+}
+
+// sum64[j] += sum32[j]; sum32[j] = 0, for n (a multiple of fVec::size()) elements.
+inline void flush_sums(float* sum32, double* sum64, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    sum64[j] += static_cast<double>(sum32[j]);
+    sum32[j] = 0.0f;
+  }
+}
+
+// Per-task accumulators for all languages over one tile's columns (width wp, padded to kW).
+struct CountAcc {
+  int64_t L = 0, wp = 0;
+  std::vector<float> cnt, s32;
+  std::vector<double> s64;
+  std::vector<int64_t> pending;  // rows in s32 since the last flush, per language
+  std::vector<char> touched;
+
+  void reset(int64_t L_, int64_t wp_) {
+    L = L_;
+    wp = wp_;
+    if (static_cast<int64_t>(cnt.size()) < L * wp) {
+      cnt.resize(L * wp);
+      s32.resize(L * wp);
+      s64.resize(L * wp);
+    }
+    pending.assign(L, 0);
+    touched.assign(L, 0);
+  }
+  // First row of language l in this tile: zero its accumulators (languages never seen cost
+  // nothing, however many there are).
+  inline void touch(int64_t l) {
+    if (!touched[l]) {
+      touched[l] = 1;
+      std::fill_n(cnt.data() + l * wp, wp, 0.0f);
+      std::fill_n(s32.data() + l * wp, wp, 0.0f);
+      std::fill_n(s64.data() + l * wp, wp, 0.0);
+    }
+  }
+  inline void row_done(int64_t l) {
+    if (++pending[l] == kFlushRows) {
+      flush_sums(s32.data() + l * wp, s64.data() + l * wp, wp);
+      pending[l] = 0;
+    }
+  }
+  void finish() {
+    for (int64_t l = 0; l < L; ++l) {
+      if (touched[l] && pending[l] > 0) {
+        flush_sums(s32.data() + l * wp, s64.data() + l * wp, wp);
+        pending[l] = 0;
+      }
+    }
+  }
+};
 
 inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, const Tensor& up,
                                                         const std::string& activation,
@@ -378,20 +481,19 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
   Tensor act_sum = at::zeros({L, I}, gate.options().dtype(at::kDouble));
   if (T == 0 || I == 0) return {out, over_zero, act_sum};
 
-  const int64_t ncb = (I + kCountBlock - 1) / kCountBlock;
-  // Row blocks only when column blocks alone cannot keep the threads busy.
+  // Tiles: column blocks of at most kCountCols, then enough row blocks to feed the threads.
+  const int64_t ncb = (I + kCountCols - 1) / kCountCols;
+  const int64_t cols_per = ((I + ncb - 1) / ncb + kW - 1) / kW * kW;
   const int64_t threads = at::get_num_threads();
-  const int64_t min_rows = std::max<int64_t>(1, kGrainElems / std::min(I, kCountBlock));
+  const int64_t min_rows = std::max<int64_t>(16, kGrainElems / cols_per);
   int64_t nrb = 1;
   if (ncb < 2 * threads) {
-    nrb = std::min((2 * threads + ncb - 1) / ncb, (T + min_rows - 1) / min_rows);
-    nrb = std::max<int64_t>(nrb, 1);
+    nrb = std::max<int64_t>(1, std::min((2 * threads + ncb - 1) / ncb, T / min_rows));
   }
-  // fp32 counters are exact up to 2^24: no tile has more rows than that.
   nrb = std::max(nrb, (T + kMaxTileRows - 1) / kMaxTileRows);
   const int64_t rows_per = (T + nrb - 1) / nrb;
   nrb = (T + rows_per - 1) / rows_per;
-  // Per-row-block partial results (only when nrb > 1): [nrb, L, I].
+  // Row-tile results when there are several row tiles, [nrb, L, I], added in order below.
   std::vector<int64_t> part_cnt;
   std::vector<double> part_sum;
   if (nrb > 1) {
@@ -411,103 +513,68 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
     T_* op = out.mutable_data_ptr<T_>();
     const int64_t sg = row_stride(gate), su = row_stride(up);
     at::parallel_for(0, nrb * ncb, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> cnt(static_cast<size_t>(L * kCountBlock));
-      std::vector<double> sum(static_cast<size_t>(L * kCountBlock));
+      CountAcc acc;
       for (int64_t task = b; task < e; ++task) {
         const int64_t rb = task / ncb, cb = task % ncb;
         const int64_t r0 = rb * rows_per, r1 = std::min(T, r0 + rows_per);
-        const int64_t c0 = cb * kCountBlock, c1 = std::min(I, c0 + kCountBlock);
-        std::fill(cnt.begin(), cnt.end(), 0.0f);
-        std::fill(sum.begin(), sum.end(), 0.0);
-        // act(gate) for kW columns at (t, c), out written; missing lanes of a partial step
-        // hold act(0) == 0, so adding them to the accumulators is harmless.
-        auto step = [&](int64_t t, int64_t c, fVec& a0, fVec& a1) {
-          const T_* g = gp + t * sg + c;
-          const T_* u = upp + t * su + c;
-          T_* o = op + t * I + c;
-          fVec g0, g1, u0, u1;
-          const int64_t n = std::min(kW, c1 - c);
-          if (n == kW) {
-            io::load(g, g0, g1);
-            io::load(u, u0, u1);
-            a0 = act<A>(g0);
-            a1 = act<A>(g1);
-            io::store(o, a0 * u0, a1 * u1);
-          } else {
-            io::load(g, n, g0, g1);
-            io::load(u, n, u0, u1);
-            a0 = act<A>(g0);
-            a1 = act<A>(g1);
-            io::store(o, n, a0 * u0, a1 * u1);
-          }
-        };
-        const fVec zero(0.0f), one(1.0f);
-        for (int64_t t0 = r0; t0 < r1; t0 += kRowGroup) {
-          const int64_t nr = std::min(kRowGroup, r1 - t0);
-          const int64_t lang = tlp ? tlp[t0] : 0;
-          bool uniform = true;
-          for (int64_t i = 1; tlp && i < nr; ++i) uniform = uniform && tlp[t0 + i] == lang;
-          if (uniform) {
-            // Rows of one language (the usual case): sum the group in registers, one
-            // read-modify-write of the accumulators per group.
-            const bool counted = lang >= 0 && lang < L;
-            float* cl = cnt.data() + (counted ? lang : 0) * kCountBlock;
-            double* sl = sum.data() + (counted ? lang : 0) * kCountBlock;
-            for (int64_t c = c0; c < c1; c += kW) {
-              fVec a0, a1, n0(0.0f), n1(0.0f), s0(0.0f), s1(0.0f);
-              for (int64_t i = 0; i < nr; ++i) {
-                step(t0 + i, c, a0, a1);
-                n0 = n0 + ((a0 > zero) & one);
-                n1 = n1 + ((a1 > zero) & one);
-                s0 = s0 + a0;
-                s1 = s1 + a1;
-              }
-              if (counted) {
-                accumulate(n0, s0, cl + (c - c0), sl + (c - c0));
-                accumulate(n1, s1, cl + (c - c0) + fVec::size(), sl + (c - c0) + fVec::size());
-              }
-            }
-          } else {
-            for (int64_t t = t0; t < t0 + nr; ++t) {
-              const int64_t l = tlp[t];
-              const bool counted = l >= 0 && l < L;
-              float* cl = cnt.data() + (counted ? l : 0) * kCountBlock;
-              double* sl = sum.data() + (counted ? l : 0) * kCountBlock;
-              for (int64_t c = c0; c < c1; c += kW) {
-                fVec a0, a1;
-                step(t, c, a0, a1);
-                if (counted) {
-                  accumulate((a0 > zero) & one, a0, cl + (c - c0), sl + (c - c0));
-                  accumulate((a1 > zero) & one, a1, cl + (c - c0) + fVec::size(),
-                             sl + (c - c0) + fVec::size());
-                }
-              }
-            }
-          }
-        }
+        const int64_t c0 = cb * cols_per, c1 = std::min(I, c0 + cols_per);
         const int64_t w = c1 - c0;
-        for (int64_t l = 0; l < L; ++l) {
-          const float* cs = cnt.data() + l * kCountBlock;
-          const double* ss = sum.data() + l * kCountBlock;
-          if (nrb == 1) {
-            int64_t* od = ozp + l * I + c0;
-            double* sd = asp + l * I + c0;
-            for (int64_t j = 0; j < w; ++j) {
-              od[j] = static_cast<int64_t>(cs[j]);
-              sd[j] = ss[j];
+        acc.reset(L, (w + kW - 1) / kW * kW);
+        for (int64_t t = r0; t < r1; ++t) {
+          const int64_t lang = tlp ? tlp[t] : 0;
+          const bool counted = lang >= 0 && lang < L;
+          const T_* g = gp + t * sg;
+          const T_* u = upp + t * su;
+          T_* o = op + t * I;
+          fVec g0, g1, u0, u1;
+          if (!counted) {
+            for (int64_t c = c0; c < c1; c += kW) {
+              const int64_t n = std::min(kW, c1 - c);
+              io::load(g + c, n, g0, g1);
+              io::load(u + c, n, u0, u1);
+              io::store(o + c, n, act<A>(g0) * u0, act<A>(g1) * u1);
             }
-          } else {
-            int64_t* od = part_cnt.data() + (rb * L + l) * I + c0;
-            double* sd = part_sum.data() + (rb * L + l) * I + c0;
-            for (int64_t j = 0; j < w; ++j) od[j] = static_cast<int64_t>(cs[j]);
-            std::memcpy(sd, ss, sizeof(double) * w);
+            continue;
+          }
+          acc.touch(lang);
+          // Missing lanes of a partial step hold act(0) == 0: adding them is harmless.
+          float* cl = acc.cnt.data() + lang * acc.wp;
+          float* sl = acc.s32.data() + lang * acc.wp;
+          int64_t c = c0;
+          for (; c + kW <= c1; c += kW) {
+            io::load(g + c, g0, g1);
+            io::load(u + c, u0, u1);
+            const fVec a0 = act<A>(g0), a1 = act<A>(g1);
+            io::store(o + c, a0 * u0, a1 * u1);
+            add_act(a0, a1, cl + (c - c0), sl + (c - c0));
+          }
+          if (c < c1) {
+            const int64_t n = c1 - c;
+            io::load(g + c, n, g0, g1);
+            io::load(u + c, n, u0, u1);
+            const fVec a0 = act<A>(g0), a1 = act<A>(g1);
+            io::store(o + c, n, a0 * u0, a1 * u1);
+            add_act(a0, a1, cl + (c - c0), sl + (c - c0));
+          }
+          acc.row_done(lang);
+        }
+        acc.finish();
+        for (int64_t l = 0; l < L; ++l) {
+          if (!acc.touched[l]) continue;
+          const float* cs = acc.cnt.data() + l * acc.wp;
+          const double* ss = acc.s64.data() + l * acc.wp;
+          int64_t* od = (nrb == 1 ? ozp : part_cnt.data() + rb * L * I) + l * I + c0;
+          double* sd = (nrb == 1 ? asp : part_sum.data() + rb * L * I) + l * I + c0;
+          for (int64_t j = 0; j < w; ++j) {
+            od[j] = static_cast<int64_t>(cs[j]);
+            sd[j] = ss[j];
           }
         }
       }
     });
   });
   if (nrb > 1) {
-    // Fixed-order reduction over row blocks (deterministic for a given thread count).
+    // Fixed-order reduction over row tiles (deterministic for a given thread count).
     at::parallel_for(0, L * I, 4096, [&](int64_t b, int64_t e) {
       for (int64_t rb = 0; rb < nrb; ++rb) {
         const int64_t* pc = part_cnt.data() + rb * L * I;

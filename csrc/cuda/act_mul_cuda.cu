@@ -1,8 +1,9 @@
 // CUDA kernels of the lape_kernels ops: TORCH_LIBRARY_IMPL(lape_kernels, CUDA, m) only (the
 // schemas are defined once in csrc/lape_kernels.cpp). The per-thread kernel bodies are in
-// act_mul_kernels.cuh (also run on the CPU by tests/test_cuda.py); this file checks arguments
-// like the CPU kernels (reference.py's checks, plus last-dim contiguity and sel order/range), allocates outputs, picks the vector width and grid,
-// and launches on the current stream.
+// act_mul_kernels.cuh (also run on the CPU by tests/test_cuda.py). This file checks arguments
+// like the CPU kernels (reference.py's checks plus last-dim contiguity of gate/up and sel
+// sorted/unique/in range), allocates outputs, picks the vector width and grid, and launches on
+// the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -63,7 +63,7 @@ __all__ = [
     "strip_markup",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: English + high-resource references + under-resourced targets that the sources cover well.
 DEFAULT_LANGUAGES = (

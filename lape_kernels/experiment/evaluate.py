@@ -18,6 +18,7 @@ from .common import (
     ExperimentError,
     autocast as amp_ctx,
     corpus_texts,
+    eval_loss_chunk,
     dtype_name,
     load_corpus,
     load_model,
@@ -275,6 +276,8 @@ class Evaluator:
         self.batch_size, self.quiet = batch_size, quiet
         corpus = load_corpus(data, languages, cache_dir=cache_dir)
         self.model, self.tokenizer = load_model(model_spec, self.dt, self.dev, cache_dir)
+        for p in self.model.parameters():  # nothing trains here (see common.no_param_grads)
+            p.requires_grad_(False)
         self.packed = pack_validation(self.tokenizer, corpus, languages, seq_len, val_tokens)
         pairs = None
         if align_with != target and parallel_n > 0:
@@ -295,7 +298,12 @@ class Evaluator:
         import sys
         from .. import patching
 
+        from ..training.loss import install_chunked_loss
+
         patching.patch(self.model)  # fused MLP + chunked loss: the same forward for every state
+        install_chunked_loss(self.model, chunk_size=eval_loss_chunk(self.model))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
         t0 = now()
         try:
             with amp_ctx(self.dev, self.amp):

@@ -38,6 +38,7 @@ from .common import (
     ExperimentError,
     Interrupted,
     PeakMemory,
+    no_param_grads,
     autocast,
     config_hash,
     corpus_texts,
@@ -184,15 +185,7 @@ def _mlp_module_names(model: nn.Module) -> List[str]:
     return ["gate_up_proj", "down_proj"] if fam.fused_gate_up else ["gate_proj", "up_proj", "down_proj"]
 
 
-def _neuron_set_digest(ns: Any, lang: str) -> str:
-    h = hashlib.sha256()
-    for t in ns[lang]:
-        h.update(str(t.numel()).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _load_neuron_set(path: str, model: nn.Module, language: str):
+def _load_neuron_set(path: str, language: str):
     from ..neurons import NeuronSet
 
     try:
@@ -201,16 +194,49 @@ def _load_neuron_set(path: str, model: nn.Module, language: str):
         raise ExperimentError(f"--neurons {path}: no such neuron set") from None
     except (ValueError, TypeError, OSError) as exc:
         raise ExperimentError(f"--neurons {path}: {one_line(exc)}") from None
-    try:
-        ns.validate(model)
-    except (ValueError, TypeError) as exc:
-        raise ExperimentError(f"--neurons {path} does not fit the model: {one_line(exc)}") from None
     if language not in ns.languages:
         raise ExperimentError(f"--neurons {path} has no language {language!r} (it has {', '.join(ns.languages)})")
     return ns
 
 
-def setup_method(model: nn.Module, cfg: FinetuneConfig) -> Tuple[nn.Module, Dict[str, Any], Optional[Any]]:
+def neuron_selection(cfg: FinetuneConfig) -> Tuple[Optional[Any], Optional[List[torch.Tensor]]]:
+    """(source NeuronSet, per-layer neurons to train) for neurons/random, else (None, None)."""
+    if cfg.method not in ("neurons", "random"):
+        return None, None
+    ns = _load_neuron_set(cfg.neurons, cfg.language)
+    if cfg.method == "neurons":
+        per_layer = ns.select(cfg.language)
+    else:
+        try:
+            per_layer = ns.random_like(cfg.language, seed=cfg.seed, mode="total")
+        except ValueError as exc:
+            raise ExperimentError(f"--neurons {cfg.neurons}: {one_line(exc)}") from None
+    if sum(int(t.numel()) for t in per_layer) == 0:
+        raise ExperimentError(f"--neurons {cfg.neurons}: language {cfg.language!r} has no neurons to train")
+    return ns, per_layer
+
+
+def _per_layer_digest(per_layer: List[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in per_layer:
+        h.update(str(t.numel()).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def settings_hash(cfg: FinetuneConfig) -> Tuple[Dict[str, Any], str, Tuple[Optional[Any], Optional[List[torch.Tensor]]]]:
+    """(identity, hash, neuron selection): the hash names a result; a finished run with the same
+    hash is reused, a checkpoint with the same hash is resumed. Cheap: loads no model."""
+    cfg.check()
+    selection = neuron_selection(cfg)
+    identity = cfg.identity()
+    identity["neuron_set_digest"] = _per_layer_digest(selection[1]) if selection[1] is not None else None
+    return identity, config_hash(identity), selection
+
+
+def setup_method(model: nn.Module, cfg: FinetuneConfig,
+                 selection: Tuple[Optional[Any], Optional[List[torch.Tensor]]] = (None, None)
+                 ) -> Tuple[nn.Module, Dict[str, Any], Optional[Any]]:
     """Make the method's parameters trainable (everything else frozen).
 
     Returns (model to train, info, the NeuronSet trained for neurons/random else None).
@@ -225,14 +251,12 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig) -> Tuple[nn.Module, Dict
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.method in ("neurons", "random"):
-        ns = _load_neuron_set(cfg.neurons, model, cfg.language)
-        if cfg.method == "neurons":
-            per_layer = ns.select(cfg.language)
-        else:
-            per_layer = ns.random_like(cfg.language, seed=cfg.seed, mode="total")
+        ns, per_layer = selection if selection[0] is not None else neuron_selection(cfg)
+        try:
+            ns.validate(model)
+        except (ValueError, TypeError) as exc:
+            raise ExperimentError(f"--neurons {cfg.neurons} does not fit the model: {one_line(exc)}") from None
         total = sum(int(t.numel()) for t in per_layer)
-        if total == 0:
-            raise ExperimentError(f"--neurons {cfg.neurons}: language {cfg.language!r} has no neurons to train")
         trained_ns = NeuronSet({cfg.language: per_layer}, ns.num_layers, ns.intermediate_size,
                                model_id=ns.model_id, hidden_size=ns.hidden_size,
                                notes=[f"{cfg.method} set for {cfg.language} (seed {cfg.seed})"
@@ -243,8 +267,8 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig) -> Tuple[nn.Module, Dict
             raise ExperimentError(f"--neurons {cfg.neurons} does not fit the model: {one_line(exc)}") from None
         info["neuron_count"] = total
         info["neurons_per_layer"] = [int(t.numel()) for t in per_layer]
-        info["neuron_set_digest"] = _neuron_set_digest(trained_ns, cfg.language)
-        info["source_neuron_set_digest"] = _neuron_set_digest(ns, cfg.language)
+        info["neuron_set_digest"] = _per_layer_digest(per_layer)
+        info["source_neuron_set_digest"] = _per_layer_digest(ns[cfg.language])
     elif cfg.method == "ffn":
         patching.patch(model)
         for mlp in patching.patched_mlps(model):
@@ -372,8 +396,14 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     """Train; returns the run summary (also in ``RUN_DIR/run.json``). Resumes a partial run."""
     from .evaluate import mean_nll
 
-    cfg.check()
+    identity, digest, selection = settings_hash(cfg)
     out = Path(cfg.out)
+    done = _existing_complete(out, digest)
+    if done is not None and not cfg.overwrite:  # deterministic: the same settings give the same result
+        _say(cfg, f"{out}: already complete (same settings); nothing to do")
+        return done
+    if out.exists() and not cfg.overwrite:
+        raise ExperimentError(f"{out} exists (a run with other settings, or not a run); pass --overwrite to replace it")
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device, auto=torch.float32)
     amp = parse_autocast(cfg.autocast, device)
@@ -385,22 +415,11 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     val_ids = pack(tokenizer, corpus_texts(corpus, cfg.language, "validation"), cfg.seq_len,
                    max_tokens=cfg.val_tokens, what=f"language {cfg.language!r} validation split")
     seed_everything(cfg.seed)
-    model, info, trained_ns = setup_method(model, cfg)
+    model, info, trained_ns = setup_method(model, cfg, selection)
+    info["train_digest"] = hashlib.sha256(train_ids.numpy().tobytes()).hexdigest()[:16]
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.tokens / tokens_per_step)
-    identity = cfg.identity()
-    identity["neuron_set_digest"] = info.get("neuron_set_digest")
-    identity["train_sequences"] = int(train_ids.shape[0])
-    identity["train_digest"] = hashlib.sha256(train_ids.numpy().tobytes()).hexdigest()[:16]
-    digest = config_hash(identity)
-
-    done = _existing_complete(out, digest)
-    if done is not None:  # deterministic: the same settings give the same result
-        _say(cfg, f"{out}: already complete (same settings); nothing to do")
-        return done
-    if out.exists() and not cfg.overwrite:
-        raise ExperimentError(f"{out} exists (a different or unfinished run); pass --overwrite to replace it")
     partial = partial_path(out)
     if partial.exists():
         prev = partial / "config.json"
@@ -463,7 +482,7 @@ def _train(cfg, model, tokenizer, train_ids, val_ids, info, trained_ns, steps, i
 
     def validate() -> Tuple[float, float]:
         model.eval()
-        with autocast(device, amp):
+        with autocast(device, amp), no_param_grads(model):
             nll, n = mean_nll(model, val_ids, eval_bs, device)
         model.train()
         return nll / n, math.exp(nll / n)

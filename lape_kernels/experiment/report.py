@@ -24,7 +24,7 @@ _COLORS = {"neurons": "#1b9e77", "random": "#d95f02", "lora": "#7570b3", "ffn": 
            "before": "#999999"}
 
 
-def _pct(x: Optional[float], digits: int = 2) -> str:
+def _pct(x: Optional[float], digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{100 * x:+.{digits}f}%"
@@ -68,8 +68,8 @@ def claims(evals: Mapping[str, Mapping[str, Any]]) -> List[Dict[str, Any]]:
         holds = bool(a < b)
         others = [l for l in n["settings"]["languages"] if l != n["settings"]["target"]]
         text = (f"mean |perplexity change| over {len(others)} other languages: neurons {100 * a:.3f}% "
-                f"vs full {100 * b:.3f}% (signed means: neurons {_pct(n['other_ppl_change_mean'], 3)}, "
-                f"full {_pct(f['other_ppl_change_mean'], 3)})")
+                f"vs full {100 * b:.3f}% (signed means: neurons {_pct(n['other_ppl_change_mean'])}, "
+                f"full {_pct(f['other_ppl_change_mean'])})")
         out.append({"claim": "neurons changes the other languages' perplexity less than full fine-tuning",
                     "holds": holds, "neurons": a, "full": b, "text": text})
     else:
@@ -89,7 +89,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Optional
 
 def render_markdown(*, setup: Mapping[str, Any], evals: Mapping[str, Mapping[str, Any]],
                     runs: Mapping[str, Mapping[str, Any]], neuron_table: Optional[str],
-                    timings: Optional[Mapping[str, float]] = None, plots: Sequence[str] = ()) -> str:
+                    timings: Optional[Mapping[str, Any]] = None, plots: Sequence[str] = ()) -> str:
     methods = _methods(evals)
     any_eval = next(iter(evals.values())) if evals else None
     target = setup.get("target")
@@ -172,7 +172,13 @@ def render_markdown(*, setup: Mapping[str, Any], evals: Mapping[str, Mapping[str
 
     if timings:
         lines.append("## Time\n")
-        lines.append(_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]))
+        rows = []
+        for k, v in timings.items():
+            wall, cpu = (v, None) if isinstance(v, (int, float)) else (v[0], v[1])
+            rows.append([k, f"{wall:.1f}", "n/a" if cpu is None else f"{cpu:.1f}"])
+        lines.append("Wall-clock seconds, and CPU seconds of this process and its children (on an otherwise idle "
+                     "machine, wall = CPU / threads).\n")
+        lines.append(_table(["stage", "wall s", "CPU s"], rows))
 
     if plots:
         lines.append("## Plots\n")
@@ -289,7 +295,7 @@ def plot_norms(evals: Mapping[str, Any], path: Path) -> Path:
 
 def write_report(out_dir: Path, *, setup: Mapping[str, Any], evals: Mapping[str, Mapping[str, Any]],
                  runs: Mapping[str, Mapping[str, Any]], logs: Mapping[str, Sequence[Mapping[str, Any]]],
-                 neuron_set: Any = None, timings: Optional[Mapping[str, float]] = None) -> Path:
+                 neuron_set: Any = None, timings: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the PNGs and ``report.md`` (last) into ``out_dir``; returns report.md's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
