@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # -O3 with precise fp math (no -ffast-math: counts depend on exact signs, sums on exact
 # rounding), no FMA contraction of the reference's mul/add sequences.
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 LINK_FLAGS = ["-fopenmp"]
 
 # Same ISA flags PyTorch uses for its CPU_CAPABILITY builds.

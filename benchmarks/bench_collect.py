@@ -519,6 +519,14 @@ def main(argv=None) -> int:
                 print(f"  {r.variant:>22}: FAILED {r.error}")
         for line in ratio_lines(results):
             print("  " + line)
+    model = all_results.get("model", {})
+    plain, hooks = model.get("plain"), model.get("hooks")
+    rec = next((r for n, r in model.items() if n.startswith("record") and "+mask" not in n and r.times), None)
+    if plain and hooks and rec and plain.times and hooks.times:
+        a, b = rec.median / plain.median, hooks.median / rec.median
+        notes.append(f"targets: record/plain = {a:.3f} (<= 1.02: {'met' if a <= 1.02 else 'missed'}), "
+                     f"hooks/record = {b:.3f} (>= 1.10: {'met' if b >= 1.10 else 'missed'}); the most counting can "
+                     f"save is hooks/plain = {hooks.median / plain.median:.3f}")
     for n in notes:
         print("note:", n)
     if args.out:

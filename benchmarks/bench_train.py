@@ -12,7 +12,10 @@ on the same random-init model shape, the same batch and the same neurons:
     ours-hfloss  (ablation, not in the default set) ours with HF's standard loss
 
 Peak memory: CPU = peak RSS of the worker during the measured steps (VmHWM reset after
-warm-up); CUDA = torch.cuda.max_memory_allocated. Step time = median over the measured steps of
+warm-up), with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB (--malloc-mmap-threshold) so that
+freed tensors go back to the OS and RSS tracks live memory rather than what glibc's heap keeps
+(its dynamic threshold otherwise inflates RSS by hundreds of MB, differently per run);
+CUDA = torch.cuda.max_memory_allocated. Step time = median over the measured steps of
 forward + backward + optimizer step. Results: a table on stdout and markdown + CSV + PNG in
 --out (default reports/bench_train).
 
@@ -184,7 +187,9 @@ def run_worker(config: str, args) -> Dict[str, Any]:
 
     device = args.device
     cuda = device.startswith("cuda")
-    res: Dict[str, Any] = {"config": config, "status": "ok"}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res: Dict[str, Any] = {"config": config, "status": "ok", "threads": torch.get_num_threads()}
     try:
         t_build = time.perf_counter()
         model = build_model(args.shape, device, args.dtype)
@@ -253,7 +258,7 @@ def _worker_cmd(config: str, args, out_json: str) -> List[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--worker-out", out_json,
            "--device", args.device, "--shape", args.shape, "--seq", str(args.seq), "--batch", str(args.batch),
            "--dtype", args.dtype, "--frac", str(args.frac), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--lora-r", str(args.lora_r)]
+           "--warmup", str(args.warmup), "--lora-r", str(args.lora_r), "--threads", str(args.threads)]
     if args.masks:
         cmd += ["--masks", args.masks, "--language", args.language]
     if args.chunk_size:
@@ -268,9 +273,12 @@ def run_all(args) -> List[Dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             out_json = os.path.join(tmp, "result.json")
             t0 = time.perf_counter()
+            env = dict(os.environ)
+            if not args.device.startswith("cuda") and args.malloc_mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
             try:
                 proc = subprocess.run(_worker_cmd(config, args, out_json), capture_output=True, text=True,
-                                      timeout=args.timeout)
+                                      timeout=args.timeout, env=env)
                 if os.path.exists(out_json):
                     with open(out_json) as f:
                         res = json.load(f)
@@ -406,6 +414,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=None, help="chunked-loss tokens per chunk (default: automatic)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per configuration")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                   help="CPU: glibc MALLOC_MMAP_THRESHOLD_ for the workers (0: leave glibc's dynamic default)")
     p.add_argument("--out", default=str(ROOT / "reports" / "bench_train"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -425,8 +436,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    meta = {"torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
             "neurons": f"{args.masks} [{args.language}]" if args.masks else f"random {args.frac:.2%} per layer"}
+    if not args.device.startswith("cuda"):
+        meta["MALLOC_MMAP_THRESHOLD_"] = args.malloc_mmap_threshold or "glibc default"
     if args.device.startswith("cuda") and torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name(0)
     elif args.device.startswith("cuda"):

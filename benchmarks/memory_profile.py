@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--interval-ms", type=float, default=1.0)
+    p.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                   help="CPU: glibc MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's default); see bench_train.py")
     p.add_argument("--timeout", type=int, default=1200)
     p.add_argument("--out", default=str(bt.ROOT / "reports" / "memory_profile"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -198,8 +200,11 @@ def main(argv=None) -> int:
         print(f"[memory_profile] {config} ...", flush=True)
         summary_path = out / f"{config}_summary.json"
         summary_path.unlink(missing_ok=True)
+        env = dict(os.environ)
+        if not args.device.startswith("cuda") and args.malloc_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)  # as bench_train.py
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             print(f"[memory_profile] {config}: timeout after {args.timeout}s")
             continue

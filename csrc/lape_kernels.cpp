@@ -59,6 +59,10 @@ PyModuleDef module_def = {
     "lape_kernels op schemas; importing it also loads the CPU kernels for this machine.",
     -1,
     nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
 };
 
 }  // namespace

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", required=True)
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--neurons", default=None, help="neuron set (for --method neurons / random)")
+    p.add_argument("--neuron-languages", nargs="+", default=None, metavar="LANG",
+                   help="names of the languages of a LAPE reference-format neuron file, in file order")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tokens", type=_positive_int, help="training tokens (rounded up to whole steps)")
     budget.add_argument("--steps", type=_positive_int)
@@ -151,7 +153,8 @@ def finetune_config(args: Any):
         args = build_parser().parse_args(["finetune", *args])
     return FinetuneConfig(
         model=args.model, language=args.language, method=args.method, out=args.out, data=args.data,
-        neurons=args.neurons, tokens=args.tokens, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+        neurons=args.neurons, neuron_languages=args.neuron_languages, tokens=args.tokens, steps=args.steps,
+        lr=args.lr, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, warmup_steps=args.warmup_steps, seq_len=args.seq_len,
         batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, eval_every=args.eval_every, eval_at_start=args.eval_at_start,

@@ -151,8 +151,9 @@ def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, s
         raise ValueError(f"grad_out_sel must have shape [{T}, {k}], got {tuple(grad_out_sel.shape)}")
     if grad_out_sel.dtype != gate.dtype:
         raise ValueError(f"grad_out_sel must have the dtype of gate ({gate.dtype}), got {grad_out_sel.dtype}")
-    full = gate.new_empty(gate.shape)
-    return full, gate.new_empty(gate.shape), gate.new_empty((T, k)), gate.new_empty((T, k)), gate.new_empty((T, k))
+    full = lambda: gate.new_empty(gate.shape)  # noqa: E731
+    part = lambda: gate.new_empty((T, k))  # noqa: E731
+    return full(), full(), part(), part(), part()
 
 
 # --------------------------------------------------------------------------------- autograd --

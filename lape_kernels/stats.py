@@ -652,7 +652,7 @@ def _call_arg(sig: Optional[inspect.Signature], args: tuple, kwargs: dict, name:
 
 
 def _ancestors(model: nn.Module, body: nn.Module) -> List[nn.Module]:
-    """Modules on the path from ``model`` down to ``body`` (both excluded)."""
+    """The modules enclosing ``body`` inside ``model`` (``model`` included, ``body`` not)."""
     for name, module in model.named_modules():
         if module is body:
             parts = name.split(".") if name else []

@@ -298,6 +298,20 @@ def test_unknown_language(toy, pipeline, tmp_path, capsys):
     _bad(capsys, ["identify", str(pipeline["stats"]), "--languages", "aa", "qq", "-o", str(out)], out, "qq")
 
 
+def test_reference_format_neuron_file(toy, pipeline, tmp_path, capsys):
+    """A LAPE reference file carries no names: --neuron-languages names them (file order)."""
+    ref = tmp_path / "ref.pt"
+    assert main(["identify", str(pipeline["stats"]), "--top-rate", "0.1", "--format", "reference", "-o", str(ref)]) == 0
+    out = tmp_path / "o"
+    _bad(capsys, _finetune_args(toy, ref, out, "random"), out, "no language 'aa'", "lang0")
+    args = _finetune_args(toy, ref, out, "random", steps=1, extra=["--neuron-languages", *LANGS])
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    from lape_kernels.neurons import NeuronSet
+
+    assert run["neuron_count"] == NeuronSet.load(pipeline["neurons"]).total("aa")
+
+
 def test_language_missing_from_neuron_set(toy, pipeline, tmp_path, capsys):
     from lape_kernels.neurons import NeuronSet
 

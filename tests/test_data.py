@@ -462,6 +462,12 @@ def fake_cache(tmp_path, monkeypatch):
         f"{help_root}/C/gnome-help/a.page": _page(None, "Getting started with the desktop", en_paras),
         f"{help_root}/gl/gnome-help/a.page": _page("gl", "Primeiros pasos co escritorio", gl_paras),
         f"{help_root}/C/gnome-help/figures/x.png": b"\x89PNG",
+        # structure differs from the English page: kept as text, aligned with nothing, and
+        # its English leftovers caught by the all-English filter
+        f"{help_root}/C/gnome-help/b.page": _page(None, "Printing a document on paper",
+                                                  ["Choose Print from the application menu."]),
+        f"{help_root}/gl/gnome-help/b.page": _page("gl", "Imprimir un documento en papel", [
+            "Escolla Imprimir no menú do aplicativo.", "Open the Activities overview and start typing."]),
     })
     for loc, ftl, props in [("en-GB", FTL_EN, PROPS_EN), ("cy", FTL_CY, PROPS_CY),
                             ("gl", FTL_GL, "")]:
@@ -495,7 +501,10 @@ def test_build_corpus_on_synthetic_packages(fake_cache):
         "Abra a vista de Actividades e comece a escribir.",
         "Os seus ficheiros gárdanse no computador ata que os elimine.",
         "Firefox mantén o seu historial de navegación privado neste computador.",
+        "Imprimir un documento en papel",
+        "Escolla Imprimir no menú do aplicativo.",
     ])
+    assert "gnome-help:gnome-help/b.page#u1" in [i for s in corpus["gl"].values() for i in s["id"]]
     assert "This paragraph is never translated by anyone at all." in texts["en"]
     assert "This string stays in English for every locale here." in texts["en"]
     assert "Enter a valid email address, please." in texts["en"]
@@ -552,6 +561,7 @@ def test_parallel_sentences_synthetic(fake_cache):
     gl = parallel_sentences("gl", cache_dir=fake_cache, min_chars=20, sources=["gnome-help"])
     assert ("Abra a vista de Actividades e comece a escribir.",
             "Open the Activities overview and start typing.") in gl
+    assert not any("Imprimir" in a for a, _ in gl)  # unaligned page gives no pairs
     with pytest.raises(ValueError, match="differ"):
         parallel_sentences("en", "en", cache_dir=fake_cache)
     with pytest.raises(ValueError, match="split"):
@@ -732,3 +742,51 @@ def test_real_model_loads_with_sane_perplexity(name, model_type, max_en, max_de)
     vocab = model.config.vocab_size
     ppl_en, ppl_de = _perplexity(model, tok, EN_TEXT), _perplexity(model, tok, DE_TEXT)
     assert ppl_en < max_en and ppl_de < max_de and max(ppl_en, ppl_de) < vocab / 100
+
+
+def test_assemble_gguf_from_wheels(tmp_path, monkeypatch):
+    import hashlib
+
+    chunks = [b"GGUF" + bytes(range(200)), bytes(range(100, 250)) * 3]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for i, data in enumerate(chunks):
+        with zipfile.ZipFile(downloads / f"fake_part{i}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"fake_part{i}/data/m.gguf.part{i}", data)
+    monkeypatch.setattr(M.subprocess, "run", lambda *a, **k: pytest.fail("no download expected"))
+    spec = {"wheels": ["fake-part0==1.0", "fake-part1==1.0"],
+            "files": ["fake_part0/data/m.gguf.part0", "fake_part1/data/m.gguf.part1"],
+            "gguf_name": "m.gguf", "sha256": hashlib.sha256(b"".join(chunks)).hexdigest()}
+    work = tmp_path / "work"
+    work.mkdir()
+    out = M._assemble_gguf(spec, work)
+    assert out.read_bytes() == b"".join(chunks)
+    with pytest.raises(RuntimeError, match="sha256"):
+        M._assemble_gguf(dict(spec, sha256="0" * 64), work)
+    assert not (work / "m.gguf").exists()
+
+
+def test_packaged_model_converted_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_assemble(spec, work):
+        p = work / spec["gguf_name"]
+        p.write_bytes(b"x")
+        return p
+
+    def fake_convert(gguf, out_dir, provenance):
+        assert gguf.read_bytes() == b"x"
+        calls.append(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / M._MARKER).write_text(json.dumps(provenance))
+
+    monkeypatch.setattr(M, "_assemble_gguf", fake_assemble)
+    monkeypatch.setattr(M, "_convert_gguf", fake_convert)
+    half = M.model_cache_dir("smollm2", tmp_path)
+    half.mkdir(parents=True)  # an interrupted conversion left files but no marker
+    (half / "config.json").write_text("{}")
+    d = M._ensure_packaged("smollm2-135m", tmp_path)
+    assert d == half and calls == [half]
+    assert json.loads((d / M._MARKER).read_text())["license"] == "Apache-2.0"
+    assert M._ensure_packaged("smollm2-135m", tmp_path) == d and len(calls) == 1
+    assert not list(tmp_path.glob(".gguf-*"))  # scratch GGUF removed

@@ -251,6 +251,15 @@ def test_count_many_languages_tiles_and_threads():
             torch.set_num_threads(previous)
 
 
+def test_count_with_many_languages_few_present():
+    """num_langs is only a bound: languages without rows cost nothing and count zero."""
+    gate, up = make_pair(40, 100, torch.float32, "contiguous", 8)
+    token_lang = torch.tensor([0, 999, -1, 500] * 10)
+    out, oz, s = ops.act_mul_count(gate, up, "silu", token_lang, 1000)
+    check_count((out, oz, s), gate, up, "silu", token_lang, 1000)
+    assert oz.shape == (1000, 100) and int((oz.sum(1) > 0).sum()) <= 3
+
+
 def test_count_is_deterministic():
     gate, up = make_pair(257, 1536, torch.float32, "contiguous", 11)
     token_lang = torch.randint(0, 3, (257,), generator=torch.Generator().manual_seed(5))

@@ -224,3 +224,20 @@ def test_save_and_merge_need_trainable_neurons(tmp_path):
     lape_kernels.patch(model, neurons=neurons())
     with pytest.raises(RuntimeError, match="without trainable neurons"):
         load_neurons(model, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_plain_loop.py", "train_with_trainer.py"])
+def test_examples_run(script, tmp_path):
+    """The examples train, save, reload (bit-exact) and merge on a tiny model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "examples" / script), "--steps", "3", "--family", "phi3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "max |logit diff| = 0.00e+00" in proc.stdout
+    assert (tmp_path / "neurons" / CONFIG_NAME).is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()

@@ -2,11 +2,10 @@
 // lape_kernels/reference.py).
 //
 // This header is compiled once per CPU capability (csrc/cpu/kernels_<isa>.cpp, each its own
-// extension module with its own ISA flags, so no AVX code can leak into the default build). The
-// math uses at::vec::Vectorized<float>, i.e. the same SLEEF exp/tanh and the same erf polynomial
-// that PyTorch's own CPU kernels use, with the reference's order of operations: the fp32 results
-// match the reference to the last bit or two. Inputs are read once (bf16/fp16 widened to fp32 on
-// load), every output element is written once, rounded once.
+// extension module with its own ISA flags, so no AVX code can leak into the default build; see
+// setup.py). Vector code uses at::vec::Vectorized<float> plus a few AVX2/AVX-512 intrinsics.
+// All arithmetic is fp32 (bf16/fp16 widened on load); inputs are read once, every output
+// element is written once, rounded once; gate/up are read through their row stride.
 #pragma once
 
 #include <Python.h>
@@ -171,21 +170,25 @@ inline fVec exp_inline(const fVec& x) {
 // 1 / (1 + exp(-x)).
 inline fVec sigmoid(const fVec& x) { return (fVec(1.0f) + exp_inline(x.neg())).reciprocal(); }
 
-// act(g). silu and gelu_tanh are both g * sigmoid(z) (gelu_tanh: 0.5 (1 + tanh(y)) ==
-// sigmoid(2y)), computed as one division; gelu uses PyTorch's vectorised erf.
+// act(g), forward. These are PyTorch's own CPU formulas for F.silu and F.gelu (same
+// vectorised SLEEF exp/tanh and erf, same operation order), so a patched model's
+// act(gate) * up is bit-identical to the Hugging Face MLP's `act_fn(gate.float()) * up.float()`
+// (where PyTorch takes its vector path, i.e. rows whose length is a multiple of 64) and counts
+// can be compared bit for bit with the LAPE hook on an unpatched model.
 template <Act A>
 inline fVec act(const fVec& g) {
   if constexpr (A == Act::silu) {
-    return g / (fVec(1.0f) + exp_inline(g.neg()));
+    return g / (fVec(1.0f) + g.neg().exp());
   } else if constexpr (A == Act::gelu_tanh) {
-    const fVec z2 = fVec(-2.0f * kSqrt2OverPi) * (g + fVec(kGeluC) * g * g * g);  // -2y
-    return g / (fVec(1.0f) + exp_inline(z2));
+    const fVec inner = fVec(kSqrt2OverPi) * (g + fVec(kGeluC) * (g * g * g));
+    return fVec(0.5f) * g * (fVec(1.0f) + inner.tanh());
   } else {
-    return fVec(0.5f) * g * (fVec(1.0f) + (g * fVec(kInvSqrt2)).erf());
+    return g * fVec(0.5f) * (fVec(1.0f) + (g * fVec(kInvSqrt2)).erf());
   }
 }
 
-// a = act(g), d = act'(g), computed together (they share the transcendental).
+// a = act(g), d = act'(g), computed together (they share the transcendental); the backward
+// pass has no bit-exactness requirement, so it uses the inlined exp.
 template <Act A>
 inline void act_and_grad(const fVec& g, fVec& a, fVec& d) {
   const fVec one(1.0f), half(0.5f);
@@ -384,7 +387,7 @@ constexpr int64_t kFlushRows = 8;          // rows per fp32 partial sum
 inline void count_positive(const fVec& a, float* cnt) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 c = _mm512_loadu_ps(cnt);
-  const __mmask16 k = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __mmask16 k = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
   _mm512_storeu_ps(cnt, _mm512_mask_add_ps(c, k, c, _mm512_set1_ps(1.0f)));
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m256 m = _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ);
@@ -410,48 +413,42 @@ inline void flush_sums(float* sum32, double* sum64, int64_t n) {
   }
 }
 
-// Per-task accumulators for all languages over one tile's columns (width wp, padded to kW).
+// One tile's accumulators: a slot of wp (= tile width padded to kW) columns per language that
+// occurs in the tile, allocated on its first row, so num_langs may be large at no cost.
 struct CountAcc {
-  int64_t L = 0, wp = 0;
+  int64_t wp = 0;
+  std::vector<int64_t> slot;  // language -> slot, -1 if the language has no row in the tile
+  std::vector<int64_t> pending;  // per slot: rows in s32 since the last flush
   std::vector<float> cnt, s32;
   std::vector<double> s64;
-  std::vector<int64_t> pending;  // rows in s32 since the last flush, per language
-  std::vector<char> touched;
 
-  void reset(int64_t L_, int64_t wp_) {
-    L = L_;
+  void init(int64_t L, int64_t wp_) {
     wp = wp_;
-    if (static_cast<int64_t>(cnt.size()) < L * wp) {
-      cnt.resize(L * wp);
-      s32.resize(L * wp);
-      s64.resize(L * wp);
-    }
-    pending.assign(L, 0);
-    touched.assign(L, 0);
+    slot.assign(L, -1);
   }
-  // First row of language l in this tile: zero its accumulators (languages never seen cost
-  // nothing, however many there are).
-  inline void touch(int64_t l) {
-    if (!touched[l]) {
-      touched[l] = 1;
-      std::fill_n(cnt.data() + l * wp, wp, 0.0f);
-      std::fill_n(s32.data() + l * wp, wp, 0.0f);
-      std::fill_n(s64.data() + l * wp, wp, 0.0);
+  // Slot of language l, created (zeroed) on first use. Invalidates earlier slot pointers.
+  inline int64_t touch(int64_t l) {
+    if (slot[l] < 0) {
+      slot[l] = static_cast<int64_t>(pending.size());
+      pending.push_back(0);
+      cnt.resize(cnt.size() + wp, 0.0f);
+      s32.resize(s32.size() + wp, 0.0f);
+      s64.resize(s64.size() + wp, 0.0);
     }
+    return slot[l];
   }
-  inline void row_done(int64_t l) {
-    if (++pending[l] == kFlushRows) {
-      flush_sums(s32.data() + l * wp, s64.data() + l * wp, wp);
-      pending[l] = 0;
+  inline void row_done(int64_t k) {
+    if (++pending[k] == kFlushRows) {
+      flush_sums(s32.data() + k * wp, s64.data() + k * wp, wp);
+      pending[k] = 0;
     }
   }
   void finish() {
-    for (int64_t l = 0; l < L; ++l) {
-      if (touched[l] && pending[l] > 0) {
-        flush_sums(s32.data() + l * wp, s64.data() + l * wp, wp);
-        pending[l] = 0;
-      }
+    for (size_t k = 0; k < pending.size(); ++k) {
+      if (pending[k] > 0) flush_sums(s32.data() + k * wp, s64.data() + k * wp, wp);
+      pending[k] = 0;
     }
+    s32 = std::vector<float>();
   }
 };
 
@@ -493,13 +490,8 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
   nrb = std::max(nrb, (T + kMaxTileRows - 1) / kMaxTileRows);
   const int64_t rows_per = (T + nrb - 1) / nrb;
   nrb = (T + rows_per - 1) / rows_per;
-  // Row-tile results when there are several row tiles, [nrb, L, I], added in order below.
-  std::vector<int64_t> part_cnt;
-  std::vector<double> part_sum;
-  if (nrb > 1) {
-    part_cnt.assign(static_cast<size_t>(nrb * L * I), 0);
-    part_sum.assign(static_cast<size_t>(nrb * L * I), 0.0);
-  }
+  // Every tile's accumulators; with several row tiles they are added in row order below.
+  std::vector<CountAcc> accs(static_cast<size_t>(nrb * ncb));
   const int64_t* tlp = tl.defined() ? tl.const_data_ptr<int64_t>() : nullptr;
   int64_t* ozp = over_zero.mutable_data_ptr<int64_t>();
   double* asp = act_sum.mutable_data_ptr<double>();
@@ -513,40 +505,31 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
     T_* op = out.mutable_data_ptr<T_>();
     const int64_t sg = row_stride(gate), su = row_stride(up);
     at::parallel_for(0, nrb * ncb, 1, [&](int64_t b, int64_t e) {
-      CountAcc acc;
       for (int64_t task = b; task < e; ++task) {
+        CountAcc& acc = accs[task];
         const int64_t rb = task / ncb, cb = task % ncb;
         const int64_t r0 = rb * rows_per, r1 = std::min(T, r0 + rows_per);
         const int64_t c0 = cb * cols_per, c1 = std::min(I, c0 + cols_per);
         const int64_t w = c1 - c0;
-        acc.reset(L, (w + kW - 1) / kW * kW);
+        acc.init(L, (w + kW - 1) / kW * kW);
         for (int64_t t = r0; t < r1; ++t) {
           const int64_t lang = tlp ? tlp[t] : 0;
-          const bool counted = lang >= 0 && lang < L;
+          const bool counted = lang >= 0 && lang < L;  // padding (-1) etc.: output only
+          const int64_t k = counted ? acc.touch(lang) : -1;
+          // Missing lanes of a partial step hold act(0) == 0: adding them is harmless.
+          float* cl = counted ? acc.cnt.data() + k * acc.wp : nullptr;
+          float* sl = counted ? acc.s32.data() + k * acc.wp : nullptr;
           const T_* g = gp + t * sg;
           const T_* u = upp + t * su;
           T_* o = op + t * I;
           fVec g0, g1, u0, u1;
-          if (!counted) {
-            for (int64_t c = c0; c < c1; c += kW) {
-              const int64_t n = std::min(kW, c1 - c);
-              io::load(g + c, n, g0, g1);
-              io::load(u + c, n, u0, u1);
-              io::store(o + c, n, act<A>(g0) * u0, act<A>(g1) * u1);
-            }
-            continue;
-          }
-          acc.touch(lang);
-          // Missing lanes of a partial step hold act(0) == 0: adding them is harmless.
-          float* cl = acc.cnt.data() + lang * acc.wp;
-          float* sl = acc.s32.data() + lang * acc.wp;
           int64_t c = c0;
           for (; c + kW <= c1; c += kW) {
             io::load(g + c, g0, g1);
             io::load(u + c, u0, u1);
             const fVec a0 = act<A>(g0), a1 = act<A>(g1);
             io::store(o + c, a0 * u0, a1 * u1);
-            add_act(a0, a1, cl + (c - c0), sl + (c - c0));
+            if (counted) add_act(a0, a1, cl + (c - c0), sl + (c - c0));
           }
           if (c < c1) {
             const int64_t n = c1 - c;
@@ -554,38 +537,36 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
             io::load(u + c, n, u0, u1);
             const fVec a0 = act<A>(g0), a1 = act<A>(g1);
             io::store(o + c, n, a0 * u0, a1 * u1);
-            add_act(a0, a1, cl + (c - c0), sl + (c - c0));
+            if (counted) add_act(a0, a1, cl + (c - c0), sl + (c - c0));
           }
-          acc.row_done(lang);
+          if (counted) acc.row_done(k);
         }
         acc.finish();
-        for (int64_t l = 0; l < L; ++l) {
-          if (!acc.touched[l]) continue;
-          const float* cs = acc.cnt.data() + l * acc.wp;
-          const double* ss = acc.s64.data() + l * acc.wp;
-          int64_t* od = (nrb == 1 ? ozp : part_cnt.data() + rb * L * I) + l * I + c0;
-          double* sd = (nrb == 1 ? asp : part_sum.data() + rb * L * I) + l * I + c0;
-          for (int64_t j = 0; j < w; ++j) {
-            od[j] = static_cast<int64_t>(cs[j]);
-            sd[j] = ss[j];
-          }
-        }
       }
     });
   });
-  if (nrb > 1) {
-    // Fixed-order reduction over row tiles (deterministic for a given thread count).
-    at::parallel_for(0, L * I, 4096, [&](int64_t b, int64_t e) {
+  // Tiles of the same columns in row order (deterministic for a given thread count); counts
+  // convert exactly from fp32.
+  const int64_t reduce_grain = std::max<int64_t>(1, kGrainElems / (nrb * cols_per));
+  at::parallel_for(0, ncb * L, reduce_grain, [&](int64_t b, int64_t e) {
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t cb = job / L, l = job % L;
+      const int64_t c0 = cb * cols_per, w = std::min(I, c0 + cols_per) - c0;
+      int64_t* od = ozp + l * I + c0;
+      double* sd = asp + l * I + c0;
       for (int64_t rb = 0; rb < nrb; ++rb) {
-        const int64_t* pc = part_cnt.data() + rb * L * I;
-        const double* ps = part_sum.data() + rb * L * I;
-        for (int64_t i = b; i < e; ++i) {
-          ozp[i] += pc[i];
-          asp[i] += ps[i];
+        const CountAcc& acc = accs[rb * ncb + cb];
+        const int64_t k = acc.slot[l];
+        if (k < 0) continue;
+        const float* cs = acc.cnt.data() + k * acc.wp;
+        const double* ss = acc.s64.data() + k * acc.wp;
+        for (int64_t j = 0; j < w; ++j) {
+          od[j] += static_cast<int64_t>(cs[j]);
+          sd[j] += ss[j];
         }
       }
-    });
-  }
+    }
+  });
   return {out, over_zero, act_sum};
 }
 
@@ -815,6 +796,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split
 // The (empty) Python module a kernels_<isa>.cpp file becomes; importing it runs the
 // registration above.
 #define LAPE_KERNELS_PYINIT(NAME)                                                             \
-  static PyModuleDef lape_module_def = {PyModuleDef_HEAD_INIT, #NAME,                         \
-                                        "lape_kernels CPU kernels (" #NAME ")", -1, nullptr}; \
+  static PyModuleDef lape_module_def = {                                                     \
+      PyModuleDef_HEAD_INIT, #NAME, "lape_kernels CPU kernels (" #NAME ")", -1, nullptr,      \
+      nullptr,               nullptr, nullptr,                              nullptr};         \
   extern "C" PyMODINIT_FUNC PyInit_##NAME(void) { return PyModule_Create(&lape_module_def); }

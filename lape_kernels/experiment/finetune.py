@@ -29,7 +29,7 @@ import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -84,6 +84,7 @@ class FinetuneConfig:
     out: str
     data: Optional[str] = None
     neurons: Optional[str] = None
+    neuron_languages: Optional[List[str]] = None
     tokens: Optional[int] = None
     steps: Optional[int] = None
     lr: Optional[float] = None
@@ -185,11 +186,40 @@ def _mlp_module_names(model: nn.Module) -> List[str]:
     return ["gate_up_proj", "down_proj"] if fam.fused_gate_up else ["gate_proj", "up_proj", "down_proj"]
 
 
-def _load_neuron_set(path: str, language: str):
+def _model_intermediate_size(spec: str, cache_dir: Optional[str]) -> Optional[int]:
+    """The MLP width from the model's config alone (no weights), or None when not at hand."""
+    from ..neurons import model_shape
+
+    candidates = []
+    try:
+        from ..data.models import model_cache_dir
+
+        candidates.append(model_cache_dir(spec, str(Path(cache_dir) / "models") if cache_dir else None))
+    except ValueError:
+        pass
+    candidates.append(Path(spec).expanduser())
+    for c in candidates:
+        if (c / "config.json").exists():
+            try:
+                from transformers import AutoConfig
+
+                return model_shape(AutoConfig.from_pretrained(str(c)))[1]
+            except Exception:  # noqa: BLE001 - unknown here; checked against the model later
+                return None
+    try:
+        from transformers import AutoConfig
+
+        return model_shape(AutoConfig.from_pretrained(spec, local_files_only=True))[1]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _load_neuron_set(path: str, language: str, languages: Optional[Sequence[str]] = None,
+                     intermediate_size: Optional[int] = None):
     from ..neurons import NeuronSet
 
     try:
-        ns = NeuronSet.load(path)
+        ns = NeuronSet.load(path, languages=languages, intermediate_size=intermediate_size)
     except FileNotFoundError:
         raise ExperimentError(f"--neurons {path}: no such neuron set") from None
     except (ValueError, TypeError, OSError) as exc:
@@ -203,7 +233,11 @@ def neuron_selection(cfg: FinetuneConfig) -> Tuple[Optional[Any], Optional[List[
     """(source NeuronSet, per-layer neurons to train) for neurons/random, else (None, None)."""
     if cfg.method not in ("neurons", "random"):
         return None, None
-    ns = _load_neuron_set(cfg.neurons, cfg.language)
+    ns = _load_neuron_set(cfg.neurons, cfg.language, cfg.neuron_languages)
+    if ns.intermediate_size is None:  # a LAPE reference file: the shape comes from the model
+        inter = _model_intermediate_size(cfg.model, cfg.cache_dir)
+        if inter is not None:
+            ns = _load_neuron_set(cfg.neurons, cfg.language, cfg.neuron_languages, inter)
     if cfg.method == "neurons":
         per_layer = ns.select(cfg.language)
     else:

@@ -27,14 +27,14 @@ __all__ = [
     "default_chunk_size",
 ]
 
-#: target number of logits per chunk: fp32 32 MiB on CPU, 128 MiB on GPUs (bigger matmuls,
+#: target number of logits per chunk: fp32 16 MiB on CPU, 128 MiB on GPUs (bigger matmuls,
 #: fewer launches; still a small fraction of the full logits at long sequence lengths)
-_CHUNK_ELEMENTS = {"cpu": 1 << 23}
+_CHUNK_ELEMENTS = {"cpu": 1 << 22}
 _CHUNK_ELEMENTS_ACCEL = 1 << 25
 
 
 def default_chunk_size(num_tokens: int, vocab: int, device_type: str = "cpu") -> int:
-    """Tokens per chunk: a power of two such that a chunk holds about 8M logits (32M on GPUs)."""
+    """Tokens per chunk: a power of two such that a chunk holds about 4M logits (32M on GPUs)."""
     budget = _CHUNK_ELEMENTS.get(device_type, _CHUNK_ELEMENTS_ACCEL)
     c = max(1, budget // max(vocab, 1))
     c = 1 << (c.bit_length() - 1)
@@ -48,9 +48,10 @@ def _make_function(device_type: str):
 
         @staticmethod
         @torch.amp.custom_fwd(device_type=device_type)
-        def forward(ctx, hidden, weight, bias, targets, scale, softcap, chunk_size, ignore_index):
+        def forward(ctx, hidden, weight, bias, targets, scale, softcap, chunk_size, ignore_index, grad_enabled):
             N = hidden.shape[0]
-            need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+            # needs_input_grad is True under no_grad too: an evaluation must not pay for gradients
+            need_h, need_w, need_b = (grad_enabled and ctx.needs_input_grad[i] for i in range(3))
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -71,22 +72,24 @@ def _make_function(device_type: str):
                 del logits
                 valid = t != ignore_index
                 tt = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
-                lse = torch.logsumexp(lf, dim=-1)
-                picked = lf.gather(1, tt).squeeze(1)
-                total = total + torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+                # logsumexp by hand, in place: no second [chunk, vocab] buffer
+                m = lf.amax(dim=1, keepdim=True)
+                picked = lf.gather(1, tt)
+                e = lf.sub_(m).exp_()
+                z = e.sum(dim=1, keepdim=True)
+                lse = z.log() + m
+                total = total + torch.where(valid, (lse - picked).squeeze(1), torch.zeros_like(t, dtype=lse.dtype)).sum()
                 if not any_grad:
                     continue
                 # d loss / d logits = (softmax - onehot) * scale on valid rows
-                p = lf.sub_(lse.unsqueeze(1)).exp_()
+                p = e.div_(z)
                 vf = valid.to(p.dtype).unsqueeze(1)
                 p.scatter_add_(1, tt, -vf)
                 p.mul_(vf * scale)
                 dl = p.to(ldt)
-                del p, lf
-                if softcap is not None:
-                    dl = dl * softcap
-                    dl = dl * (1 - capped * capped)
-                    dl = dl / softcap
+                del p, e, lf
+                if softcap is not None:  # tanh backward, in HF's op order and dtype
+                    dl = dl.mul_(softcap).mul_(1 - capped * capped).div_(softcap)
                 if need_h:
                     grad_h[s : s + chunk_size] = torch.matmul(dl, weight).to(hidden.dtype)
                 if need_w:
@@ -109,7 +112,7 @@ def _make_function(device_type: str):
             gh = (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None
             gw = (grad_w * scale).to(grad_w.dtype) if grad_w is not None else None
             gb = (grad_b * scale).to(grad_b.dtype) if grad_b is not None else None
-            return gh, gw, gb, None, None, None, None, None
+            return gh, gw, gb, None, None, None, None, None, None
 
     ChunkedLMLoss.__name__ = ChunkedLMLoss.__qualname__ = f"ChunkedLMLoss_{device_type}"
     return ChunkedLMLoss
@@ -167,7 +170,8 @@ def chunked_causal_lm_loss(
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     fn = _function_for(hidden.device.type)
-    return fn.apply(h2, lm_head.weight, lm_head.bias, targets, scale, softcap, int(chunk_size), ignore_index)
+    return fn.apply(h2, lm_head.weight, lm_head.bias, targets, scale, softcap, int(chunk_size), ignore_index,
+                    torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------- per-instance forward
