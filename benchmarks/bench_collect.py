@@ -17,6 +17,12 @@ isolate kernel effects.
     python benchmarks/bench_collect.py                                  # CPU, SmolLM2-135M shape
     python benchmarks/bench_collect.py --device cuda --shape llama-3.1-8b --dtype bf16 --out bench_out
     python benchmarks/bench_collect.py --device cuda --backend both     # CUDA C++ vs Triton kernels
+    python benchmarks/bench_collect.py --threads 1 --clock process      # a CPU shared with other jobs
+
+On a CPU the MLP GEMMs dominate (SmolLM2 shape, fp32: the reference's counting costs ~2% of a
+forward), so ``hooks/record`` is bounded by ``hooks/plain`` however fast the fused kernel is; the
+elementwise section shows the kernel's own advantage. On a loaded machine wall-clock timings of
+multi-threaded CPU runs are dominated by OpenMP stragglers: use ``--clock process``.
 """
 from __future__ import annotations
 

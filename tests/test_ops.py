@@ -260,6 +260,36 @@ def test_count_with_many_languages_few_present():
     assert oz.shape == (1000, 100) and int((oz.sum(1) > 0).sum()) <= 3
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_is_bit_identical_to_pytorch_activation(act, dtype):
+    """act_mul == (F.act(gate.float()) * up.float()).to(dtype) bit for bit (rows a multiple of 64
+    long, where PyTorch vectorises): a patched HF MLP then computes exactly what the unpatched
+    one does in fp32-with-one-rounding, so LAPE counts match the hook's in every layer."""
+    f = torch.nn.functional.silu if act == "silu" else (lambda x: torch.nn.functional.gelu(x, approximate="tanh"))
+    gate, up = make_pair(45, 256, dtype, "contiguous", 21, scale=4.0)
+    want = (f(gate.float()) * up.float()).to(dtype)
+    assert torch.equal(ops.act_mul(gate, up, act), want)
+    assert torch.equal(ops.act_mul_count(gate, up, act, None, 1)[0], want)
+    sel = torch.tensor([3, 100])
+    assert torch.equal(ops.act_mul_split(gate, up, act, sel)[1], want[:, sel])
+    go = rand_like(gate, 5)
+    gos = rand_like(want[:, sel], 6)
+    assert torch.equal(ops.act_mul_backward_split(go, gos, gate, up, act, sel)[4], want[:, sel])
+    # grad_up = grad_out * act(gate): the forward's act values, one rounding.
+    assert torch.equal(ops.act_mul_backward(go, gate, up, act)[1], (go.float() * f(gate.float())).to(dtype))
+
+
+def test_act_sum_is_fp64_accurate_under_batch_splitting():
+    """Sums are accumulated in fp64: splitting the tokens changes them only at fp64 rounding."""
+    gate, up = make_pair(301, 96, torch.bfloat16, "contiguous", 13)
+    langs = torch.randint(-1, 2, (301,), generator=torch.Generator().manual_seed(2))
+    _, oz, s = ops.act_mul_count(gate, up, "silu", langs, 2)
+    parts = [ops.act_mul_count(gate[a:b], up[a:b], "silu", langs[a:b], 2) for a, b in ((0, 7), (7, 150), (150, 301))]
+    assert torch.equal(oz, sum(p[1] for p in parts))
+    torch.testing.assert_close(s, sum(p[2] for p in parts), rtol=1e-12, atol=1e-12)
+
+
 def test_count_is_deterministic():
     gate, up = make_pair(257, 1536, torch.float32, "contiguous", 11)
     token_lang = torch.randint(0, 3, (257,), generator=torch.Generator().manual_seed(5))

@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/cpu/Gelu.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
@@ -110,9 +111,9 @@ inline Tensor check_sel(const Tensor& sel, int64_t I) {
 }
 
 // --------------------------------------------------------------------------------- the math --
-// Same functions as lape_kernels/reference.py act_fp32 / act_grad_fp32, in fp32; the order of
-// operations differs where that is cheaper or more accurate (agreement: a few ulp, relative to
-// |act| + |g|, see tests/test_ops.py).
+// The functions of lape_kernels/reference.py act_fp32 / act_grad_fp32, in fp32. The forward is
+// PyTorch's own activation code (see act below); the reference orders some operations
+// differently, so they agree to a few ulp relative to |act| + |g| (tests/test_ops.py).
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;   // sqrt(2 / pi)
 constexpr float kInvSqrt2 = 0.7071067811865476f;      // 1 / sqrt(2)
@@ -120,7 +121,7 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
 constexpr float kGeluC = 0.044715f;
 constexpr float kGeluC3 = 0.134145f;                  // 3 * 0.044715 (as Python folds it)
 
-// exp(x), inlined (a call into SLEEF makes every live vector register spill). Cody-Waite
+// exp(x) for the derivatives, inlined (a call into SLEEF makes every live vector register spill). Cody-Waite
 // reduction x = q ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial (truncation error below
 // 0.15 ulp), then 2^q applied as two exact power-of-two factors so that overflow gives inf and
 // underflow rounds once into the subnormals. Max error about 1.5 ulp; NaN propagates (min(hi,
@@ -170,42 +171,40 @@ inline fVec exp_inline(const fVec& x) {
 // 1 / (1 + exp(-x)).
 inline fVec sigmoid(const fVec& x) { return (fVec(1.0f) + exp_inline(x.neg())).reciprocal(); }
 
-// act(g), forward. These are PyTorch's own CPU formulas for F.silu and F.gelu (same
-// vectorised SLEEF exp/tanh and erf, same operation order), so a patched model's
-// act(gate) * up is bit-identical to the Hugging Face MLP's `act_fn(gate.float()) * up.float()`
-// (where PyTorch takes its vector path, i.e. rows whose length is a multiple of 64) and counts
-// can be compared bit for bit with the LAPE hook on an unpatched model.
+// act(g), forward: PyTorch's own vectorised CPU code for F.silu (its SiLU kernel's formula) and
+// F.gelu (ATen/native/cpu/Gelu.h itself), so a patched model's act(gate) * up is bit-identical
+// to the Hugging Face MLP evaluated as `act_fn(gate.float()) * up.float()`, rounded once (where
+// PyTorch takes its vector path: rows a multiple of 64 long; exact-erf "gelu" on large inputs
+// goes through oneDNN in PyTorch and may differ in the last bit). That keeps LAPE counts equal,
+// bit for bit, to the LAPE hook's on an unpatched model, in every layer.
 template <Act A>
 inline fVec act(const fVec& g) {
   if constexpr (A == Act::silu) {
     return g / (fVec(1.0f) + g.neg().exp());
   } else if constexpr (A == Act::gelu_tanh) {
-    const fVec inner = fVec(kSqrt2OverPi) * (g + fVec(kGeluC) * (g * g * g));
-    return fVec(0.5f) * g * (fVec(1.0f) + inner.tanh());
+    return at::native::vectorized_gelu_approximated_with_tanh<float>(g);
   } else {
-    return g * fVec(0.5f) * (fVec(1.0f) + (g * fVec(kInvSqrt2)).erf());
+    return at::native::vectorized_gelu<float>(g);
   }
 }
 
-// a = act(g), d = act'(g), computed together (they share the transcendental); the backward
-// pass has no bit-exactness requirement, so it uses the inlined exp.
+// a = act(g) exactly as the forward computes it (so the backward's out_sel and grad_up use the
+// forward's values bit for bit), d = act'(g) with the inlined exp (no bit-exactness needed).
 template <Act A>
 inline void act_and_grad(const fVec& g, fVec& a, fVec& d) {
   const fVec one(1.0f), half(0.5f);
+  a = act<A>(g);
   if constexpr (A == Act::silu) {
     const fVec s = sigmoid(g);
-    a = g * s;
     d = s * (one + g * (one - s));
   } else if constexpr (A == Act::gelu_tanh) {
     // s = sigmoid(2y) = (1 + tanh y) / 2, so 1 - tanh(y)^2 = 4 s (1 - s):
     // act' = s + 2 g s (1 - s) dy/dg.
     const fVec s = sigmoid(fVec(2.0f * kSqrt2OverPi) * (g + fVec(kGeluC) * g * g * g));
     const fVec d_inner = fVec(kSqrt2OverPi) * (one + fVec(kGeluC3) * g * g);
-    a = g * s;
     d = s + fVec(2.0f) * g * s * (one - s) * d_inner;
   } else {
     const fVec e = one + (g * fVec(kInvSqrt2)).erf();
-    a = half * g * e;
     d = half * e + g * fVec(kInvSqrt2Pi) * exp_inline(fVec(-0.5f) * g * g);
   }
 }
@@ -376,12 +375,11 @@ inline Tensor act_mul(const Tensor& gate, const Tensor& up, const std::string& a
 // Work is split into tiles of rows x columns (full rows unless I is large); each task owns a
 // tile and its own per-language accumulators, so no atomics are needed, and the results of
 // row tiles are added in a fixed order at the end. Rows are walked in memory order. Per
-// language the accumulators are: fp32 counts (exact: a tile has < 2^24 rows), fp32 sums of
-// at most kFlushRows rows, flushed into fp64 sums.
+// language the accumulators are fp32 counts (exact: a tile has < 2^24 rows) and fp64 sums
+// (every act value is added in fp64, as the reference does).
 
 constexpr int64_t kCountCols = 128 * kW;   // max columns per tile (a multiple of kW)
 constexpr int64_t kMaxTileRows = 1 << 24;  // fp32 counters stay exact
-constexpr int64_t kFlushRows = 8;          // rows per fp32 partial sum
 
 // cnt[j] += (a[j] > 0) for one fp32 vector (NaN is not > 0).
 inline void count_positive(const fVec& a, float* cnt) {
@@ -397,30 +395,44 @@ inline void count_positive(const fVec& a, float* cnt) {
 #endif
 }
 
-// One kW step of act values into a language's counts and fp32 sums.
-inline void add_act(const fVec& a0, const fVec& a1, float* cnt, float* sum) {
-  count_positive(a0, cnt);
-  count_positive(a1, cnt + fVec::size());
-  (fVec::loadu(sum) + a0).store(sum);
-  (fVec::loadu(sum + fVec::size()) + a1).store(sum + fVec::size());
+// sum[j] += (double)a[j] for one fp32 vector.
+inline void add_to_double(const fVec& a, double* sum) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = a;
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d hi =
+      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  _mm512_storeu_pd(sum, _mm512_add_pd(_mm512_loadu_pd(sum), lo));
+  _mm512_storeu_pd(sum + 8, _mm512_add_pd(_mm512_loadu_pd(sum + 8), hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 v = a;
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+  _mm256_storeu_pd(sum, _mm256_add_pd(_mm256_loadu_pd(sum), lo));
+  _mm256_storeu_pd(sum + 4, _mm256_add_pd(_mm256_loadu_pd(sum + 4), hi));
+#else
+  alignas(64) float buf[fVec::size()];
+  a.store(buf);
+  for (int64_t j = 0; j < fVec::size(); ++j) sum[j] += static_cast<double>(buf[j]);
+#endif
 }
 
-// sum64[j] += sum32[j]; sum32[j] = 0, for n (a multiple of fVec::size()) elements.
-inline void flush_sums(float* sum32, double* sum64, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    sum64[j] += static_cast<double>(sum32[j]);
-    sum32[j] = 0.0f;
-  }
+// One kW step of act values into a language's counts (fp32) and sums (fp64).
+inline void add_act(const fVec& a0, const fVec& a1, float* cnt, double* sum) {
+  count_positive(a0, cnt);
+  count_positive(a1, cnt + fVec::size());
+  add_to_double(a0, sum);
+  add_to_double(a1, sum + fVec::size());
 }
 
 // One tile's accumulators: a slot of wp (= tile width padded to kW) columns per language that
 // occurs in the tile, allocated on its first row, so num_langs may be large at no cost.
 struct CountAcc {
   int64_t wp = 0;
+  int64_t slots = 0;
   std::vector<int64_t> slot;  // language -> slot, -1 if the language has no row in the tile
-  std::vector<int64_t> pending;  // per slot: rows in s32 since the last flush
-  std::vector<float> cnt, s32;
-  std::vector<double> s64;
+  std::vector<float> cnt;
+  std::vector<double> sum;
 
   void init(int64_t L, int64_t wp_) {
     wp = wp_;
@@ -429,28 +441,47 @@ struct CountAcc {
   // Slot of language l, created (zeroed) on first use. Invalidates earlier slot pointers.
   inline int64_t touch(int64_t l) {
     if (slot[l] < 0) {
-      slot[l] = static_cast<int64_t>(pending.size());
-      pending.push_back(0);
-      cnt.resize(cnt.size() + wp, 0.0f);
-      s32.resize(s32.size() + wp, 0.0f);
-      s64.resize(s64.size() + wp, 0.0);
+      slot[l] = slots++;
+      cnt.resize(slots * wp, 0.0f);
+      sum.resize(slots * wp, 0.0);
     }
     return slot[l];
   }
-  inline void row_done(int64_t k) {
-    if (++pending[k] == kFlushRows) {
-      flush_sums(s32.data() + k * wp, s64.data() + k * wp, wp);
-      pending[k] = 0;
-    }
-  }
-  void finish() {
-    for (size_t k = 0; k < pending.size(); ++k) {
-      if (pending[k] > 0) flush_sums(s32.data() + k * wp, s64.data() + k * wp, wp);
-      pending[k] = 0;
-    }
-    s32 = std::vector<float>();
-  }
 };
+
+// One row of act_mul_count over columns [c0, c1): out written; act values added to the
+// language's accumulators cnt/sum (indexed from c0) unless cnt is null.
+template <Act A, typename T>
+inline void count_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t c0,
+                      int64_t c1, float* __restrict cnt, double* __restrict sum) {
+  using io = IO<T>;
+  fVec g0, g1, u0, u1;
+  int64_t c = c0;
+  if (cnt != nullptr) {
+    for (; c + kW <= c1; c += kW) {
+      io::load(g + c, g0, g1);
+      io::load(u + c, u0, u1);
+      const fVec a0 = act<A>(g0), a1 = act<A>(g1);
+      io::store(o + c, a0 * u0, a1 * u1);
+      add_act(a0, a1, cnt + (c - c0), sum + (c - c0));
+    }
+  } else {
+    for (; c + kW <= c1; c += kW) {
+      io::load(g + c, g0, g1);
+      io::load(u + c, u0, u1);
+      io::store(o + c, act<A>(g0) * u0, act<A>(g1) * u1);
+    }
+  }
+  if (c < c1) {
+    // Missing lanes of the partial step hold act(0) == 0: adding them is harmless.
+    const int64_t n = c1 - c;
+    io::load(g + c, n, g0, g1);
+    io::load(u + c, n, u0, u1);
+    const fVec a0 = act<A>(g0), a1 = act<A>(g1);
+    io::store(o + c, n, a0 * u0, a1 * u1);
+    if (cnt != nullptr) add_act(a0, a1, cnt + (c - c0), sum + (c - c0));
+  }
+}
 
 inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, const Tensor& up,
                                                         const std::string& activation,
@@ -514,34 +545,17 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
         acc.init(L, (w + kW - 1) / kW * kW);
         for (int64_t t = r0; t < r1; ++t) {
           const int64_t lang = tlp ? tlp[t] : 0;
-          const bool counted = lang >= 0 && lang < L;  // padding (-1) etc.: output only
-          const int64_t k = counted ? acc.touch(lang) : -1;
-          // Missing lanes of a partial step hold act(0) == 0: adding them is harmless.
-          float* cl = counted ? acc.cnt.data() + k * acc.wp : nullptr;
-          float* sl = counted ? acc.s32.data() + k * acc.wp : nullptr;
           const T_* g = gp + t * sg;
           const T_* u = upp + t * su;
           T_* o = op + t * I;
-          fVec g0, g1, u0, u1;
-          int64_t c = c0;
-          for (; c + kW <= c1; c += kW) {
-            io::load(g + c, g0, g1);
-            io::load(u + c, u0, u1);
-            const fVec a0 = act<A>(g0), a1 = act<A>(g1);
-            io::store(o + c, a0 * u0, a1 * u1);
-            if (counted) add_act(a0, a1, cl + (c - c0), sl + (c - c0));
+          if (lang >= 0 && lang < L) {
+            const int64_t k = acc.touch(lang);
+            count_row<A>(g, u, o, c0, c1, acc.cnt.data() + k * acc.wp,
+                         acc.sum.data() + k * acc.wp);
+          } else {  // padding (-1) etc.: output only
+            count_row<A>(g, u, o, c0, c1, nullptr, nullptr);
           }
-          if (c < c1) {
-            const int64_t n = c1 - c;
-            io::load(g + c, n, g0, g1);
-            io::load(u + c, n, u0, u1);
-            const fVec a0 = act<A>(g0), a1 = act<A>(g1);
-            io::store(o + c, n, a0 * u0, a1 * u1);
-            if (counted) add_act(a0, a1, cl + (c - c0), sl + (c - c0));
-          }
-          if (counted) acc.row_done(k);
         }
-        acc.finish();
       }
     });
   });
@@ -559,7 +573,7 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
         const int64_t k = acc.slot[l];
         if (k < 0) continue;
         const float* cs = acc.cnt.data() + k * acc.wp;
-        const double* ss = acc.s64.data() + k * acc.wp;
+        const double* ss = acc.sum.data() + k * acc.wp;
         for (int64_t j = 0; j < w; ++j) {
           od[j] += static_cast<int64_t>(cs[j]);
           sd[j] += ss[j];
