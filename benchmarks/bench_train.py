@@ -341,12 +341,12 @@ def run_all(args) -> List[Dict[str, Any]]:
     return results
 
 
-def run_interleaved_subprocess(args) -> Dict[str, Any]:
-    """The configurations that ran, timed again in one process step by step (see run_interleaved)."""
-    print(f"[bench_train] interleaved timing of {args.configs} in one process ...", flush=True)
+def run_interleaved_subprocess(args, configs: List[str]) -> Dict[str, Any]:
+    """``configs`` timed again in one process, step by step (see run_interleaved)."""
+    print(f"[bench_train] interleaved timing of {configs} in one process ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out_json = os.path.join(tmp, "interleaved.json")
-        cmd = _worker_cmd("interleaved", args, out_json) + ["--configs", ",".join(args.configs)]
+        cmd = _worker_cmd("interleaved", args, out_json) + ["--configs", ",".join(configs)]
         env = dict(os.environ)
         if not args.device.startswith("cuda") and args.malloc_mmap_threshold:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -555,8 +555,9 @@ def main(argv=None) -> int:
         print("[bench_train] --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     results = run_all(args)
-    if args.interleaved and len(args.configs) > 1:
-        inter = run_interleaved_subprocess(args)
+    ok = [r["config"] for r in results if r.get("status") == "ok"]
+    if args.interleaved and len(ok) > 1:
+        inter = run_interleaved_subprocess(args, ok)
         for r in results:
             if r["config"] in inter:
                 r["step_s_interleaved"] = inter[r["config"]]["median_s"]

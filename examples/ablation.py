@@ -25,14 +25,15 @@ DEFAULT_LANGUAGES = ["en", "de", "fr", "es", "ru", "cy", "eu", "is"]
 
 
 def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_LANGUAGES, out: str = "examples/output/ablation",
-                 *, data: Optional[str] = None, tokens: int = 16384, seq_len: int = 512, val_tokens: int = 2048,
+                 *, data: Optional[str] = None, tokens: int = 8192, seq_len: int = 512, val_tokens: int = 1024,
                  batch_size: int = 4, top_rate: float = 0.01, filter_rate: float = 0.95,
                  activation_bar_ratio: float = 0.95, seed: int = 0, device: str = "auto", dtype: str = "float32",
-                 collect_dtype: str = "auto", cache_dir: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
+                 collect_dtype: str = "fast", cache_dir: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
     """Run the check; returns (and writes to ``out/results.json``) the perplexity matrices."""
     from lape_kernels import patching
     from lape_kernels.experiment.collect import collect, identify_neurons
     from lape_kernels.experiment.common import load_corpus, load_model, now, parse_device, parse_dtype, write_json_atomic
+    from lape_kernels.experiment.demo import fast_dtype
     from lape_kernels.experiment.evaluate import language_perplexities, pack_validation
     from lape_kernels.neurons import deactivate, plot_heatmap
 
@@ -47,7 +48,8 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
 
     say(f"collect: {tokens} tokens x {len(languages)} languages")
     collect(model, languages, str(out_dir / "stats"), data=data, tokens=tokens, seq_len=seq_len,
-            batch_size=batch_size, device=device, dtype=collect_dtype, cache_dir=cache_dir, quiet=quiet)
+            batch_size=batch_size, device=device, dtype=fast_dtype(device) if collect_dtype == "fast" else collect_dtype,
+            cache_dir=cache_dir, quiet=quiet)
     ns = identify_neurons([str(out_dir / "stats")], str(out_dir / "neurons"), top_rate=top_rate,
                           filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
     say("neurons: " + ", ".join(f"{l} {ns.total(l)}" for l in languages))
@@ -178,9 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--data", default=None)
     p.add_argument("--languages", nargs="+", default=DEFAULT_LANGUAGES)
-    p.add_argument("--tokens", type=int, default=16384, help="statistics tokens per language")
+    p.add_argument("--tokens", type=int, default=8192, help="statistics tokens per language")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--val-tokens", type=int, default=2048)
+    p.add_argument("--val-tokens", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--top-rate", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)

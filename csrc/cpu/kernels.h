@@ -116,16 +116,14 @@ inline Tensor check_sel(const Tensor& sel, int64_t I) {
 // differently, so they agree to a few ulp relative to |act| + |g| (tests/test_ops.py).
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;   // sqrt(2 / pi)
-constexpr float kInvSqrt2 = 0.7071067811865476f;      // 1 / sqrt(2)
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
-constexpr float kGeluC = 0.044715f;
 constexpr float kGeluC3 = 0.134145f;                  // 3 * 0.044715 (as Python folds it)
 
-// exp(x) for the derivatives, inlined (a call into SLEEF makes every live vector register spill). Cody-Waite
-// reduction x = q ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial (truncation error below
-// 0.15 ulp), then 2^q applied as two exact power-of-two factors so that overflow gives inf and
-// underflow rounds once into the subnormals. Max error about 1.5 ulp; NaN propagates (min(hi,
-// x) returns x when x is NaN, max(lo, NaN) returns NaN, and the polynomial keeps it).
+// exp(x) for the exact-gelu derivative, inlined (a SLEEF call makes every live vector register
+// spill). Cody-Waite reduction x = q ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial
+// (truncation error below 0.15 ulp), then 2^q applied as two exact power-of-two factors so
+// that overflow gives inf and underflow rounds once into the subnormals. Max error about
+// 1.5 ulp; NaN propagates (min(hi, x) returns x when x is NaN, max(lo, NaN) returns NaN).
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2Hi = 0.693145751953125f;
 constexpr float kLn2Lo = 1.428606765330187e-06f;
@@ -168,9 +166,6 @@ inline fVec exp_inline(const fVec& x) {
 #endif
 }
 
-// 1 / (1 + exp(-x)).
-inline fVec sigmoid(const fVec& x) { return (fVec(1.0f) + exp_inline(x.neg())).reciprocal(); }
-
 // act(g), forward: PyTorch's own vectorised CPU code for F.silu (its SiLU kernel's formula) and
 // F.gelu (ATen/native/cpu/Gelu.h itself), so a patched model's act(gate) * up is bit-identical
 // to the Hugging Face MLP evaluated as `act_fn(gate.float()) * up.float()`, rounded once (where
@@ -188,23 +183,28 @@ inline fVec act(const fVec& g) {
   }
 }
 
-// a = act(g) exactly as the forward computes it (so the backward's out_sel and grad_up use the
-// forward's values bit for bit), d = act'(g) with the inlined exp (no bit-exactness needed).
+// a = act(g) exactly as the forward computes it (same expressions as act / Gelu.h, so the
+// backward's out_sel and grad_up use the forward's values bit for bit; tests/test_ops.py checks
+// it), and d = act'(g) from the same transcendental.
 template <Act A>
 inline void act_and_grad(const fVec& g, fVec& a, fVec& d) {
   const fVec one(1.0f), half(0.5f);
-  a = act<A>(g);
   if constexpr (A == Act::silu) {
-    const fVec s = sigmoid(g);
+    const fVec den = one + g.neg().exp();
+    a = g / den;
+    const fVec s = den.reciprocal();
     d = s * (one + g * (one - s));
   } else if constexpr (A == Act::gelu_tanh) {
-    // s = sigmoid(2y) = (1 + tanh y) / 2, so 1 - tanh(y)^2 = 4 s (1 - s):
-    // act' = s + 2 g s (1 - s) dy/dg.
-    const fVec s = sigmoid(fVec(2.0f * kSqrt2OverPi) * (g + fVec(kGeluC) * g * g * g));
+    const fVec x_cube = g * g * g;
+    const fVec inner = fVec(static_cast<float>(at::native::kGeluBeta)) *
+                       (g + fVec(static_cast<float>(at::native::kGeluKappa)) * x_cube);
+    const fVec t = inner.tanh();
+    a = half * g * (one + t);
     const fVec d_inner = fVec(kSqrt2OverPi) * (one + fVec(kGeluC3) * g * g);
-    d = s + fVec(2.0f) * g * s * (one - s) * d_inner;
+    d = half * (one + t) + half * g * (one - t * t) * d_inner;
   } else {
-    const fVec e = one + (g * fVec(kInvSqrt2)).erf();
+    const fVec e = one + (g * fVec(static_cast<float>(M_SQRT1_2))).erf();
+    a = g * half * e;
     d = half * e + g * fVec(kInvSqrt2Pi) * exp_inline(fVec(-0.5f) * g * g);
   }
 }
