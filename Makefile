@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUILD_STAMP := $(VENV)/.built
 
-.PHONY: venv build test test-fast test-slow demo bench clean
+.PHONY: venv build test test-slow test-all demo bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,15 @@ $(BUILD_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu
 
 build: $(BUILD_STAMP)
 
+# The fast suite (about 5 minutes on 2 cores). Real-model tests are marked slow: `make test-slow`
+# (CI runs both).
 test: build
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: build
 	$(PY) -m pytest -q -m slow tests
 
-test-fast: build
-	$(PY) -m pytest -q -m "not slow" tests
+test-all: test test-slow
 
 demo: build
 	$(PY) -m lape_kernels.cli demo
