@@ -40,6 +40,8 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     languages = list(languages)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the statistics and neuron set are intermediate (megabytes): keep them out of version control
+    (out_dir / ".gitignore").write_text("stats/\nneurons/\n.stats.partial/\n")
     t0 = now()
 
     def say(msg: str) -> None:
