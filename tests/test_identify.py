@@ -285,3 +285,29 @@ def test_full_llama_shape():
     ns = assert_matches_oracle(stats, 0.05, 0.95, 0.95)
     assert ns.num_layers == 32 and ns.intermediate_size == 14336
     assert 0 < sum(t.numel() for t in ns.union(ns.languages)) <= round(32 * 14336 * 0.05)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_matches_reference_on_recorded_stats(family):
+    """Real statistics: counts recorded through the patched model (fused kernel, padding and
+    per-sequence languages) identify exactly what the reference algorithm picks from them."""
+    from helpers import tiny_model
+
+    import lape_kernels
+
+    model = lape_kernels.patch(tiny_model(family, seed=3))
+    gen = torch.Generator().manual_seed(7)
+    langs = ["en", "cy", "eu", "is"]
+    with lape_kernels.record(model, languages=langs) as stats:
+        for step in range(3):
+            ids = torch.randint(3, 256, (4, 24), generator=gen)
+            mask = torch.ones_like(ids)
+            mask[step % 4, : 5 + step] = 0  # left padding on one row
+            # each language draws from its own slice of the vocabulary, so the counts differ
+            ids = (ids % 60) + 3 + 60 * torch.arange(4).unsqueeze(1)
+            stats.set_batch_languages(torch.arange(4))
+            model(ids, attention_mask=mask)
+    as_dicts = {k: v.to_lape_dict() for k, v in stats.items()}
+    for top_rate in (0.02, 0.05, 0.2):
+        assert_matches_oracle(as_dicts, top_rate, 0.95, 0.95)
+        assert identify(stats, top_rate) == identify(as_dicts, top_rate)
