@@ -11,11 +11,10 @@ The patched forward is the single mechanism that counting (``record``), neuron d
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
