@@ -13,8 +13,6 @@ heat maps, LAPE and random sets), neurons_per_layer.png, results.json.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence

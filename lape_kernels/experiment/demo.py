@@ -178,7 +178,6 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
     from .collect import collect, identify_neurons
     from .evaluate import Evaluator, load_run_info
     from .report import claims, write_report
-    from ..neurons import NeuronSet, per_layer_table
 
     cfg = demo_settings(full, config_path, model=model, languages=list(languages) if languages else None,
                         methods=list(methods) if methods else None)

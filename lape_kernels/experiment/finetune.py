@@ -24,10 +24,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import resource
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
