@@ -38,8 +38,6 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     languages = list(languages)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # the statistics and neuron set are intermediate (megabytes): keep them out of version control
-    (out_dir / ".gitignore").write_text("stats/\nneurons/\n.stats.partial/\n")
     t0 = now()
 
     def say(msg: str) -> None:
@@ -170,7 +168,8 @@ def _plot(d_lape, d_rand, languages: List[str], path: Path) -> None:
         ax.set_title(title)
         for a in range(len(rows)):
             for b in range(len(languages)):
-                ax.text(b, a, f"{mat[a][b]:.0f}", ha="center", va="center", fontsize=7)
+                ax.text(b, a, f"{mat[a][b]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if mat[a][b] > 0.6 * vmax else "black")
     fig.colorbar(im, ax=fig.axes, label="perplexity change (%)")
     fig.savefig(path, dpi=110)
 
