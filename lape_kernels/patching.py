@@ -235,6 +235,7 @@ def patch(
     neurons: Any = None,
     language: Optional[str] = None,
     chunked_loss: bool = True,
+    recompute: Optional[str] = None,
 ) -> nn.Module:
     """Route ``model``'s MLPs through lape_kernels ops (in place; returns ``model``).
 
@@ -242,9 +243,19 @@ def patch(
     ``neurons`` (a per-layer list of index tensors, or a ``NeuronSet`` with ``language``) makes
     exactly those neurons' weights trainable (sparse neuron fine-tuning); everything else is frozen.
     ``chunked_loss`` makes ``model(..., labels=...)`` use the memory-lean chunked LM-head loss.
+    ``recompute`` ("none", "up" or "gate_up"; sparse training only) makes the sparse MLPs
+    recompute those projections in backward instead of keeping them: less activation memory, one
+    or two more GEMMs per layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
+    if recompute is not None:  # checked before any change to the model
+        from .training.sparse_mlp import RECOMPUTE_MODES, has_trainable_neurons
+
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        if neurons is None and not has_trainable_neurons(model):
+            raise ValueError("recompute applies to sparse neuron training: pass neurons= as well")
     family = family_for(model)
     config = text_config(model)
     activation = _activation_for(family, config)
@@ -264,7 +275,11 @@ def patch(
     if neurons is not None:
         from .training.sparse_mlp import set_trainable_neurons
 
-        set_trainable_neurons(model, neurons, language=language)
+        set_trainable_neurons(model, neurons, language=language, recompute=recompute or "none")
+    elif recompute is not None:
+        from .training.sparse_mlp import set_recompute
+
+        set_recompute(model, recompute)
     return model
 
 

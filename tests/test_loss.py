@@ -162,8 +162,11 @@ def test_no_gradient_work_under_no_grad():
 
 def test_default_chunk_size():
     assert default_chunk_size(100, 50) == 100
-    assert default_chunk_size(100000, 262144) == 16
-    assert default_chunk_size(100000, 128256) == 32
+    assert default_chunk_size(100, 1 << 20) == 64  # never below 64 tokens (GEMM efficiency)
+    assert default_chunk_size(40, 1 << 20) == 40  # ... nor above the tokens there are
+    assert default_chunk_size(100000, 262144) == 64
+    assert default_chunk_size(100000, 128256) == 64
+    assert default_chunk_size(100000, 16384) == 256
     c = default_chunk_size(4096, 49152)
     assert c & (c - 1) == 0 and c * 49152 <= (1 << 22)
 
@@ -295,4 +298,4 @@ def test_compiles_fullgraph():
 
 def test_default_chunk_size_on_gpus_is_larger():
     assert default_chunk_size(4096, 128256, "cuda") == 256
-    assert default_chunk_size(4096, 128256, "cpu") == 32
+    assert default_chunk_size(4096, 128256, "cpu") == 64

@@ -351,6 +351,88 @@ def test_saves_only_x_gate_up():
     assert new == [(14, H), (14, I), (14, I)]
 
 
+@pytest.mark.parametrize("recompute, kept", [("none", 2), ("up", 1), ("gate_up", 0)])
+def test_recompute_keeps_fewer_activations(recompute, kept):
+    """recompute= drops gate/up from what backward keeps; only x [T,H] is always saved."""
+    model = make_model("llama")
+    lape_kernels.patch(model, neurons=random_neurons(), recompute=recompute)
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(14, H, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sparse_mlp.sparse_mlp_forward(mlp, x)
+    params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    new = sorted(tuple(t.shape) for t in saved if t.data_ptr() not in params)
+    assert new == [(14, H)] + [(14, I)] * kept
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3_text"])
+def test_recompute_gives_bitwise_equal_training(family):
+    """Recomputing gate/up in backward repeats the forward's ops: identical grads, steps, losses."""
+    base = make_model(family)
+    neurons = live_neurons(base)
+    ids, labels = batch()
+    runs = {}
+    for mode in sparse_mlp.RECOMPUTE_MODES:
+        model = copy.deepcopy(base)
+        lape_kernels.patch(model, neurons=neurons, recompute=mode)
+        opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+        losses = []
+        for _ in range(3):
+            loss = model(ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        runs[mode] = (losses, [p.detach().clone() for p in trainable_parameters(model)])
+    want_losses, want_params = runs["none"]
+    for mode in ("up", "gate_up"):
+        losses, params = runs[mode]
+        assert all(torch.equal(a, b) for a, b in zip(losses, want_losses)), mode
+        assert all(torch.equal(a, b) for a, b in zip(params, want_params)), mode
+
+
+def test_recompute_under_autocast_matches_kept():
+    model = make_model("qwen2")
+    lape_kernels.patch(model, neurons=random_neurons())
+    ids, labels = batch()
+    got = {}
+    for mode in ("none", "gate_up"):
+        lape_kernels.patch(model, recompute=mode)  # switches mode, keeps the slices
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=labels).loss
+        loss.backward()
+        got[mode] = _grads(model)
+    for a, b in zip(got["gate_up"], got["none"]):
+        assert torch.equal(a, b)
+
+
+def test_recompute_switch_keeps_trained_values():
+    model = make_model("llama")
+    lape_kernels.patch(model, neurons=random_neurons())
+    with torch.no_grad():
+        for p in trainable_parameters(model):
+            p.add_(1.0)
+    before = [p.detach().clone() for p in trainable_parameters(model)]
+    lape_kernels.patch(model, recompute="up")
+    assert all(m._lape.sparse.recompute == "up" for m in patching.patched_mlps(model) if m._lape.sparse)
+    assert all(torch.equal(a, b) for a, b in zip(trainable_parameters(model), before))
+
+
+def test_recompute_bad_values():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        lape_kernels.patch(model, neurons=random_neurons(), recompute="down")
+    assert not patching.is_patched(model)
+    with pytest.raises(ValueError, match="recompute applies to sparse neuron training"):
+        lape_kernels.patch(model, recompute="up")
+    assert not patching.is_patched(model)
+    lape_kernels.patch(model)
+    with pytest.raises(RuntimeError, match="recompute applies to sparse neuron training"):
+        sparse_mlp.set_recompute(model, "up")
+
+
 # ----------------------------------------------------------------------------- (4) training features
 
 
@@ -459,9 +541,10 @@ def test_no_dx_for_frozen_input():
     assert x.grad is None and mlp.lape_down_cols.grad is not None
 
 
+@pytest.mark.parametrize("recompute", sparse_mlp.RECOMPUTE_MODES)
 @pytest.mark.parametrize("backend", ["lape_kernels.ops", "lape_kernels.reference"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
-def test_sparse_function_grads_vs_dense_autograd(activation, backend, monkeypatch):
+def test_sparse_function_grads_vs_dense_autograd(activation, backend, recompute, monkeypatch):
     """The autograd.Function against dense autograd on the spliced weights (with biases)."""
     monkeypatch.setattr(sparse_mlp, "_OPS_MODULE", backend)
     g = torch.Generator().manual_seed(0)
@@ -474,7 +557,7 @@ def test_sparse_function_grads_vs_dense_autograd(activation, backend, monkeypatc
     pg, pu, pd = (torch.randn(*s, generator=g).requires_grad_() for s in ((k, H), (k, H), (H, k)))
     dy = torch.randn(T, H, generator=g)
 
-    y = sparse_mlp._function_for("cpu").apply(x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation)
+    y = sparse_mlp._function_for("cpu").apply(x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation, recompute)
     got = torch.autograd.grad(y, (x, pg, pu, pd), dy)
 
     act = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}[activation]
@@ -485,12 +568,12 @@ def test_sparse_function_grads_vs_dense_autograd(activation, backend, monkeypatc
         assert ((a - b).norm() / b.norm()).item() < 1e-6
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_sparse_mlp_compiles_fullgraph(family):
+@pytest.mark.parametrize("family, recompute", [("llama", "none"), ("phi3", "none"), ("llama", "gate_up")])
+def test_sparse_mlp_compiles_fullgraph(family, recompute):
     """dynamo traces the autograd.Function and the custom ops without graph breaks."""
     torch._dynamo.reset()
     model = make_model(family)
-    lape_kernels.patch(model, neurons=random_neurons())
+    lape_kernels.patch(model, neurons=random_neurons(), recompute=recompute)
     mlp = model.model.layers[1].mlp
     x = torch.randn(6, H, requires_grad=True)
     compiled = torch.compile(lambda t: sparse_mlp.sparse_mlp_forward(mlp, t), backend="aot_eager", fullgraph=True)

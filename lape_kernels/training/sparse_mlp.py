@@ -26,6 +26,8 @@ __all__ = [
     "clear_trainable_neurons",
     "sparse_mlp_forward",
     "trainable_parameters",
+    "set_recompute",
+    "RECOMPUTE_MODES",
     "has_trainable_neurons",
     "PARAM_NAMES",
 ]
@@ -62,6 +64,13 @@ class SparseState:
 
     layer_index: int
     k: int
+    recompute: str = "none"
+
+
+#: What the sparse MLP may recompute in backward instead of keeping from the forward:
+#: "none" keeps gate and up (fastest), "up" recomputes up (one more [T,H]x[H,I] GEMM per layer,
+#: saves T*I values per layer), "gate_up" recomputes both (two GEMMs, saves 2*T*I).
+RECOMPUTE_MODES = ("none", "up", "gate_up")
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -74,6 +83,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _project(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], p: torch.Tensor, sel: torch.Tensor,
+             cdt: torch.dtype) -> torch.Tensor:
+    """``F.linear(x, w, b)`` with rows ``sel`` of ``w`` (and ``b``) replaced by the slice ``p``."""
+    out = F.linear(x, w, b)
+    bs = None if b is None else b.index_select(0, sel)
+    out.index_copy_(1, sel, F.linear(x, p.to(cdt), bs).to(out.dtype))
+    return out
+
+
 def _make_function(device_type: str):
     class SparseMLPFunction(torch.autograd.Function):
         """y = down(act(gate(x)) * up(x)) with rows ``sel`` of gate/up and columns ``sel`` of down
@@ -81,23 +99,25 @@ def _make_function(device_type: str):
 
         @staticmethod
         @torch.amp.custom_fwd(device_type=device_type)
-        def forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation):
+        def forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation, recompute):
             ops = _ops()
             cdt = _compute_dtype(x)
             # The small trainable slices may be kept in a wider dtype (fp32 master slices);
             # casting them is cheap ([k, H]). The big weights go through F.linear as they are
             # (autocast casts them exactly as it does for the unpatched model).
-            pgc, puc, pdc = pg.to(cdt), pu.to(cdt), pd.to(cdt)
-            gate = F.linear(x, wg, bg)
-            gate.index_copy_(1, sel, F.linear(x, pgc, None if bg is None else bg.index_select(0, sel)).to(gate.dtype))
-            up = F.linear(x, wu, bu)
-            up.index_copy_(1, sel, F.linear(x, puc, None if bu is None else bu.index_select(0, sel)).to(up.dtype))
+            pdc = pd.to(cdt)
+            gate = _project(x, wg, bg, pg, sel, cdt)
+            up = _project(x, wu, bu, pu, sel, cdt)
             h0, hs = ops.act_mul_split(gate, up, activation, sel)
             y = F.linear(h0, wd, bd)
             y = y + F.linear(hs, pdc).to(y.dtype)
-            # Saved: x, gate, up (h is recomputed by act_mul_backward_split); the weights are
-            # references, not copies.
-            ctx.save_for_backward(x, gate, up, wg, wu, wd, pg, pu, pd, sel)
+            # Saved: x and, unless recomputed in backward, gate and up ([T, I] each: the bulk of
+            # a sparse step's activation memory); h is recomputed by act_mul_backward_split. The
+            # weights are references, not copies.
+            keep_gate = recompute not in ("gate_up",)
+            keep_up = recompute not in ("up", "gate_up")
+            ctx.save_for_backward(x, gate if keep_gate else None, up if keep_up else None,
+                                  wg, wu, wd, bg, bu, pg, pu, pd, sel)
             ctx.activation = activation
             return y
 
@@ -105,14 +125,21 @@ def _make_function(device_type: str):
         @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, dy):
             ops = _ops()
-            x, gate, up, wg, wu, wd, pg, pu, pd, sel = ctx.saved_tensors
+            x, gate, up, wg, wu, wd, bg, bu, pg, pu, pd, sel = ctx.saved_tensors
+            cdt = _compute_dtype(x)
+            # recomputation repeats the forward's ops on the same inputs under the same autocast
+            # state (custom_bwd), so it reproduces gate/up exactly
+            if gate is None:
+                gate = _project(x, wg, bg, pg, sel, cdt)
+            if up is None:
+                up = _project(x, wu, bu, pu, sel, cdt)
             cdt = gate.dtype
             pgc, puc, pdc = pg.to(cdt), pu.to(cdt), pd.to(cdt)
             dy = dy.reshape(-1, dy.shape[-1])
             dh = torch.matmul(dy, wd).to(cdt)  # [T, I]; columns sel are replaced below
             dhs = torch.matmul(dy.to(cdt), pdc).to(cdt)  # [T, k]
             dgate, dup, dgate_s, dup_s, hs = ops.act_mul_backward_split(dh, dhs, gate, up, ctx.activation, sel)
-            del dh
+            del dh, gate, up
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = torch.matmul(dgate, wg) + torch.matmul(dup, wu)
@@ -121,7 +148,7 @@ def _make_function(device_type: str):
             dpg = torch.matmul(dgate_s.t(), x.to(cdt)).to(pg.dtype) if ctx.needs_input_grad[7] else None
             dpu = torch.matmul(dup_s.t(), x.to(cdt)).to(pu.dtype) if ctx.needs_input_grad[8] else None
             dpd = torch.matmul(dy.t().to(cdt), hs).to(pd.dtype) if ctx.needs_input_grad[9] else None
-            return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None
+            return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None, None
 
     SparseMLPFunction.__name__ = SparseMLPFunction.__qualname__ = f"SparseMLPFunction_{device_type}"
     return SparseMLPFunction
@@ -155,7 +182,7 @@ def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
     return fn.apply(
         x2, wg, wu, wd, bg, bu, bd,
         mlp.lape_gate_rows, mlp.lape_up_rows, mlp.lape_down_cols,
-        getattr(mlp, INDEX_NAME), st.activation,
+        getattr(mlp, INDEX_NAME), st.activation, st.sparse.recompute,
     )
 
 
@@ -213,13 +240,22 @@ def _validate_layer(t: Any, li: int, intermediate: int) -> torch.Tensor:
     return t
 
 
-def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None) -> nn.Module:
+def _check_recompute(recompute: str) -> str:
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    return recompute
+
+
+def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None,
+                          recompute: str = "none") -> nn.Module:
     """Make exactly the selected neurons' weights trainable; freeze everything else.
 
     ``neurons``: per-layer list (one entry per decoder layer) of int64 index tensors, or a
     NeuronSet with ``language``. The model must be patched (``lape_kernels.patch`` calls this).
     Calling it again replaces the previous selection (its trained values are discarded).
+    ``recompute`` trades activation memory for time (see ``RECOMPUTE_MODES``).
     """
+    _check_recompute(recompute)
     if not patching.is_patched(model):
         raise RuntimeError("set_trainable_neurons needs a patched model: use lape_kernels.patch(model, neurons=...)")
     num_layers, intermediate = _model_shape(model)
@@ -246,8 +282,19 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
             mlp.register_parameter(PARAM_NAMES[1], nn.Parameter(wu.index_select(0, sel).clone()))
             mlp.register_parameter(PARAM_NAMES[2], nn.Parameter(wd.index_select(1, sel).contiguous()))
         mlp.register_buffer(INDEX_NAME, sel, persistent=True)
-        mlp._lape.sparse = SparseState(layer_index=mlp._lape.layer_index, k=k)
+        mlp._lape.sparse = SparseState(layer_index=mlp._lape.layer_index, k=k, recompute=recompute)
     model._lape_sparse = {"requires_grad": flags, "language": language, "counts": counts}
+    return model
+
+
+def set_recompute(model: nn.Module, recompute: str) -> nn.Module:
+    """Change what the sparse MLPs recompute in backward (keeps the trained values)."""
+    _check_recompute(recompute)
+    if not has_trainable_neurons(model):
+        raise RuntimeError("recompute applies to sparse neuron training: use lape_kernels.patch(model, neurons=...)")
+    for mlp in patching.patched_mlps(model):
+        if getattr(mlp._lape, "sparse", None) is not None:
+            mlp._lape.sparse.recompute = recompute
     return model
 
 
