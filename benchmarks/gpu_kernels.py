@@ -7,6 +7,12 @@ ops used by sparse training (k = 5% of I) against eager gather/scatter. Medians 
 ``triton.testing.do_bench``; effective GB/s = the bytes each op must move at least (read inputs
 once, write outputs once) / time, next to a device-to-device copy measured in the same run.
 
+Second table, the stretch goal (GEMM epilogue): gate_up_act_mul_count(x, Wg, Wu) at H = 4096,
+T = 4096 (--gemm-tokens) against the unfused path a patched model runs today: cuBLAS
+``x @ Wg.T``, ``x @ Wu.T`` (bf16 out) + act_mul_count, and against the cuBLAS GEMMs alone
+(the floor for any unfused path). TFLOP/s = 2 GEMMs x 2 T H I / time; ratio = time / time of
+the unfused path with the Triton act_mul_count (< 1: the fused kernel is faster).
+
     python benchmarks/gpu_kernels.py --out reports/gpu_kernels.md [--tokens 4096,16384] [--sweep]
 
 CUDA only (prints a note and exits 0 without a GPU). Runs in well under a minute on an H100
@@ -53,7 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the markdown table here too")
     ap.add_argument("--tokens", default="4096,16384", help="comma-separated token counts T")
     ap.add_argument("--rep", type=int, default=60, help="do_bench repetition time per measurement (ms)")
-    ap.add_argument("--sweep", action="store_true", help="also time Triton count tile configurations")
+    ap.add_argument("--gemm-tokens", default="4096", help="token counts for the GEMM-epilogue table ('' to skip)")
+    ap.add_argument("--sweep", action="store_true", help="also time Triton count / GEMM tile configurations")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes (I=512); without CUDA runs on CPU under TRITON_INTERPRET=1 to test the script")
     args = ap.parse_args(argv)
@@ -66,6 +73,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
     from lape_kernels import reference as ref
+    from lape_kernels import triton_gemm as tg
     from lape_kernels import triton_kernels as tk
 
     try:
@@ -174,8 +182,71 @@ def main(argv=None) -> int:
             tk.CONFIGS.update(saved)
         return True
 
+    gemm_rows = []  # (T, impl, ms, flops)
+    H = 64 if args.smoke else H_LLAMA8B
+    gemm_tokens = [64] if args.smoke else [int(x) for x in args.gemm_tokens.split(",") if x.strip()]
+    unfused_name = "cuBLAS x@Wg.T, x@Wu.T + triton act_mul_count"
+
+    def time_gemm(T):
+        """gate_up_act_mul_count vs cuBLAS GEMMs (+ act_mul_count); False if counts are wrong."""
+        gen = torch.Generator(device=dev).manual_seed(1)
+        x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
+        w_gate = (torch.randn(I, H, device=dev, generator=gen) * (2.0 / H**0.5)).to(dt)
+        w_up = (torch.randn(I, H, device=dev, generator=gen) / H**0.5).to(dt)
+        lang = torch.arange(T, device=dev) // 1024 % 4
+        flops = 2 * 2 * T * H * I
+
+        def fused_op(name):
+            return tg.gate_up_act_mul_count if lk_ops is None else backend(name).gate_up_act_mul_count
+
+        def count_op(name):
+            return backend(name).act_mul_count
+
+        # sanity: fused counts vs act_mul_count on fp32 projections; they may differ only where
+        # |gate| is within GEMM rounding of 0 (different summation orders), which is rare.
+        g32, u32 = x.float() @ w_gate.float().T, x.float() @ w_up.float().T
+        r_oz = ref.act_mul_count(g32, u32, "silu", lang, 4)[1]
+        u = 2.0**-24
+        bound = 2 * H * u / (1 - H * u) * (x.float().abs() @ w_gate.float().abs().T)
+        ambiguous = int(((g32.abs() <= bound) & (lang >= 0)[:, None]).sum())
+        g32 = u32 = bound = None
+        for name in impls:
+            oz = fused_op(name)(x, w_gate, w_up, "silu", lang, 4)[1]
+            diff = int((oz - r_oz).abs().sum())
+            print(f"gate_up_act_mul_count [{name}]: {diff} count(s) differ from fp32 projections "
+                  f"({ambiguous} ambiguous elements)")
+            if diff > ambiguous:
+                print(f"ERROR: {name} gate_up_act_mul_count counts are wrong", file=sys.stderr)
+                return False
+
+        def gemm_add(impl, fn):
+            gemm_rows.append((T, impl, bench(fn, args.rep), flops))
+
+        gemm_add("cuBLAS x@Wg.T, x@Wu.T only (bf16 out)", lambda: (x @ w_gate.T, x @ w_up.T))
+        for name in impls:
+            cnt = count_op(name) if lk_ops is not None else tk.act_mul_count
+            gemm_add(f"cuBLAS x@Wg.T, x@Wu.T + {name} act_mul_count",
+                     lambda: cnt(x @ w_gate.T, x @ w_up.T, "silu", lang, 4))
+        for name in impls:
+            fused = fused_op(name)
+            what = "fused GEMM epilogue" if name == "triton" else "composite: fp32 cuBLAS + act_mul_count"
+            gemm_add(f"{name} gate_up_act_mul_count ({what})", lambda: fused(x, w_gate, w_up, "silu", lang, 4))
+        if args.sweep:
+            for cfg in [(128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (128, 64, 64, 8, 4, 4),
+                        (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 4), (256, 64, 64, 8, 8, 3)]:
+                bt, bi, bk, gt, nw, ns = cfg
+                gemm_add(f"triton direct, tile {bt}x{bi}x{bk} g{gt} w{nw} s{ns}",
+                         lambda: tg._impl(x, w_gate, w_up, "silu", lang, 4, block_t=bt, block_i=bi, block_k=bk,
+                                          group_t=gt, num_warps=nw, num_stages=ns))
+        return True
+
     for T in tokens:
         if not time_tokens(T):
+            return 1
+        if not cpu_smoke:
+            torch.cuda.empty_cache()
+    for T in gemm_tokens:
+        if not time_gemm(T):
             return 1
         if not cpu_smoke:
             torch.cuda.empty_cache()
@@ -200,6 +271,18 @@ def main(argv=None) -> int:
     for T, group, impl, ms, nbytes in rows:
         gbps = _gbps(nbytes, ms)
         lines.append(f"| {T} | {group} | {impl} | {ms:.3f} | {gbps:.0f} | {100 * gbps / copy_gbps[T]:.0f}% |")
+    if gemm_rows:
+        lines += [
+            "",
+            f"## gate/up GEMMs + act*up + count (4 langs): x [T, {H}], Wg/Wu [{I}, {H}], bf16, silu",
+            "",
+            "| T | implementation | ms | TFLOP/s | ratio vs unfused |",
+            "| ---: | --- | ---: | ---: | ---: |",
+        ]
+        base = {T: ms for T, impl, ms, _ in gemm_rows if impl == unfused_name}
+        for T, impl, ms, flops in gemm_rows:
+            ratio = f"{ms / base[T]:.2f}" if T in base else "-"
+            lines.append(f"| {T} | {impl} | {ms:.3f} | {flops / (ms * 1e-3) / 1e12:.0f} | {ratio} |")
     lines += ["", f"(total benchmark time {time.time() - t_start:.0f} s)"]
     text = "\n".join(lines)
     print(text)

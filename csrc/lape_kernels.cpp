@@ -35,6 +35,12 @@ TORCH_LIBRARY(lape_kernels, m) {
       " str activation, Tensor sel) -> (Tensor grad_gate, Tensor grad_up, Tensor grad_gate_sel,"
       " Tensor grad_up_sel, Tensor out_sel)",
       tags);
+  // act_mul_count of gate = x @ w_gate.T, up = x @ w_up.T (fp32 GEMMs, never rounded to the
+  // input dtype); the Triton kernel keeps gate/up in its GEMM accumulators. Not differentiable.
+  m.def(
+      "gate_up_act_mul_count(Tensor x, Tensor w_gate, Tensor w_up, str activation,"
+      " Tensor? token_lang, int num_langs) -> (Tensor out, Tensor over_zero, Tensor act_sum)",
+      tags);
 }
 
 namespace {

@@ -5,6 +5,8 @@ C++ CPU kernels (always built), the CUDA C++ kernels (when the build had CUDA) o
 kernels (registered here for the CUDA key, see :func:`use_cuda_backend`). This module also gives
 every op a fake (meta) implementation, so ``torch.compile`` can trace it, and autograd formulas
 for the differentiable ones (``act_mul``, ``act_mul_count``, ``act_mul_split``).
+``gate_up_act_mul_count`` (the projections fused with the count) is inference-only: its autograd
+formula raises a clear error if a gradient ever reaches it.
 
 Importing it never imports Triton on a machine without CUDA.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "act_mul_backward",
     "act_mul_split",
     "act_mul_backward_split",
+    "gate_up_act_mul_count",
     "use_cuda_backend",
     "current_cuda_backend",
     "cpu_kernels",
@@ -41,7 +44,16 @@ __all__ = [
 ]
 
 _ops = torch.ops.lape_kernels
-_OP_NAMES = ("act_mul", "act_mul_count", "act_mul_backward", "act_mul_split", "act_mul_backward_split")
+# Every op and the module (under lape_kernels) holding its Triton kernel.
+_TRITON_MODULES = {
+    "act_mul": "triton_kernels",
+    "act_mul_count": "triton_kernels",
+    "act_mul_backward": "triton_kernels",
+    "act_mul_split": "triton_kernels",
+    "act_mul_backward_split": "triton_kernels",
+    "gate_up_act_mul_count": "triton_gemm",
+}
+_OP_NAMES = tuple(_TRITON_MODULES)
 
 #: Which compiled CPU kernel module is in use: "avx512", "avx2" or "default".
 cpu_kernels: str = _C.cpu_kernels
@@ -77,6 +89,18 @@ def act_mul_backward_split(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel)``; see docs/ARCHITECTURE.md."""
     return _ops.act_mul_backward_split(grad_out, grad_out_sel, gate, up, activation, sel)
+
+
+def gate_up_act_mul_count(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str, token_lang: Optional[Tensor], num_langs: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``act_mul_count`` of ``gate = x @ w_gate.T``, ``up = x @ w_up.T`` (fp32, never rounded).
+
+    ``x [T, H]``, ``w_gate``/``w_up [I, H]``; returns ``(out [T, I] in x.dtype, over_zero int64
+    [num_langs, I], act_sum float64 [num_langs, I])``. On CUDA with the Triton backend gate/up
+    never leave the GEMM's registers. Inference only (not differentiable).
+    """
+    return _ops.gate_up_act_mul_count(x, w_gate, w_up, activation, token_lang, num_langs)
 
 
 # ------------------------------------------------------------------------------------ fakes --
@@ -124,6 +148,29 @@ def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
         gate.new_empty(gate.shape),
         gate.new_empty((num_langs, I), dtype=torch.int64),
         gate.new_empty((num_langs, I), dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("lape_kernels::gate_up_act_mul_count")
+def _gate_up_act_mul_count_fake(x, w_gate, w_up, activation, token_lang, num_langs):
+    _ref.check_gemm_inputs(x, w_gate, w_up)
+    _check_rows(x, "x")
+    _check_rows(w_gate, "w_gate")
+    _check_rows(w_up, "w_up")
+    _ref.check_activation(activation)
+    if num_langs < 1:
+        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
+    T, I = x.shape[0], w_gate.shape[0]
+    if token_lang is not None and (token_lang.dim() != 1 or token_lang.shape[0] != T or token_lang.dtype != torch.int64):
+        raise ValueError(
+            f"token_lang must be int64 of shape [{T}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}"
+        )
+    if token_lang is not None and token_lang.device != x.device:
+        raise ValueError(f"token_lang must be on {x.device}, got {token_lang.device}")
+    return (
+        x.new_empty((T, I)),
+        x.new_empty((num_langs, I), dtype=torch.int64),
+        x.new_empty((num_langs, I), dtype=torch.float64),
     )
 
 
@@ -199,9 +246,26 @@ def _act_mul_split_bw(ctx, grad_out, grad_out_sel):
     return grad_gate.index_copy(1, sel, grad_gate_sel), grad_up.index_copy(1, sel, grad_up_sel), None, None
 
 
+def _gate_up_count_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _gate_up_count_bw(ctx, grad_out, _grad_over_zero, _grad_act_sum):
+    # The op exists to avoid materialising gate/up, which a backward would need. Registering
+    # this (instead of nothing) turns PyTorch's silent "no autograd kernel" fallback, which
+    # would return no gradient with a warning, into an error.
+    raise RuntimeError(
+        "lape_kernels::gate_up_act_mul_count is not differentiable (inference-only LAPE counting); "
+        "for training compute gate/up with the linear layers and use act_mul / act_mul_count"
+    )
+
+
 torch.library.register_autograd("lape_kernels::act_mul", _act_mul_bw, setup_context=_setup_gate_up)
 torch.library.register_autograd("lape_kernels::act_mul_count", _act_mul_count_bw, setup_context=_act_mul_count_setup)
 torch.library.register_autograd("lape_kernels::act_mul_split", _act_mul_split_bw, setup_context=_act_mul_split_setup)
+torch.library.register_autograd(
+    "lape_kernels::gate_up_act_mul_count", _gate_up_count_bw, setup_context=_gate_up_count_setup
+)
 
 
 # --------------------------------------------------------------------- CUDA backend choice --
@@ -220,8 +284,10 @@ def _register_triton() -> None:
     global _triton_lib
     if _triton_lib is not None:
         return
-    from . import triton_kernels  # lazy: imports triton
+    import importlib
 
+    # lazy: these import triton
+    modules = {m: importlib.import_module(f".{m}", __package__) for m in sorted(set(_TRITON_MODULES.values()))}
     lib = torch.library.Library("lape_kernels", "IMPL")
     try:
         with warnings.catch_warnings():
@@ -229,7 +295,7 @@ def _register_triton() -> None:
             warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
             warnings.filterwarnings("ignore", message=r"(?s).*Warning only once for all operators")
             for name in _OP_NAMES:
-                lib.impl(name, getattr(triton_kernels, name), "CUDA")
+                lib.impl(name, getattr(modules[_TRITON_MODULES[name]], name), "CUDA")
     except BaseException:
         lib._destroy()
         raise

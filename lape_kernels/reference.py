@@ -41,6 +41,30 @@ def check_gate_up(gate: torch.Tensor, up: torch.Tensor, name_gate: str = "gate",
         raise ValueError(f"{name_gate} and {name_up} must be on the same device, got {gate.device} and {up.device}")
 
 
+def check_gemm_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> None:
+    """Argument checks of gate_up_act_mul_count (same messages on every backend)."""
+    for name, t, dims in (("x", x, "[tokens, hidden]"), ("w_gate", w_gate, "[intermediate, hidden]"),
+                          ("w_up", w_up, "[intermediate, hidden]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D {dims}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"w_gate and w_up must have the same shape, got {tuple(w_gate.shape)} and {tuple(w_up.shape)}")
+    if x.shape[1] != w_gate.shape[1]:
+        raise ValueError(
+            f"x and w_gate must have the same hidden size (dim 1), got {tuple(x.shape)} and {tuple(w_gate.shape)}"
+        )
+    if not (x.dtype == w_gate.dtype == w_up.dtype):
+        raise ValueError(f"x, w_gate and w_up must have the same dtype, got {x.dtype}, {w_gate.dtype} and {w_up.dtype}")
+    if not (x.device == w_gate.device == w_up.device):
+        raise ValueError(
+            f"x, w_gate and w_up must be on the same device, got {x.device}, {w_gate.device} and {w_up.device}"
+        )
+
+
 def check_sel(sel: torch.Tensor, intermediate: int, device: torch.device) -> None:
     if sel.dim() != 1 or sel.dtype != torch.int64:
         raise ValueError(f"sel must be a 1-D int64 tensor, got {sel.dtype} of shape {tuple(sel.shape)}")
@@ -108,6 +132,30 @@ def act_mul_count(
         over_zero[k] = (a[rows] > 0).sum(0, dtype=torch.int64)
         act_sum[k] = a[rows].double().sum(0)
     return out, over_zero, act_sum
+
+
+def gate_up_act_mul_count(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    activation: str,
+    token_lang: Optional[torch.Tensor],
+    num_langs: int,
+):
+    """act_mul_count of the two projections gate = x w_gate^T, up = x w_up^T, never rounded.
+
+    gate and up are the float32 results of a float32 GEMM of the upcast inputs (not rounded to
+    x.dtype: the fused kernels keep them in fp32 accumulators); act, the product and the counts
+    are then exactly act_mul_count's on those fp32 values, and out is rounded once to x.dtype.
+    The GEMM's summation order is not part of the contract (kernels differ from this by GEMM
+    rounding, so a count may differ only where |gate| is within that rounding of 0).
+    """
+    check_gemm_inputs(x, w_gate, w_up)
+    check_activation(activation)
+    gate = x.float() @ w_gate.float().T
+    up = x.float() @ w_up.float().T
+    out, over_zero, act_sum = act_mul_count(gate, up, activation, token_lang, num_langs)
+    return out.to(x.dtype), over_zero, act_sum
 
 
 def act_mul_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):

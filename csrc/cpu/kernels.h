@@ -16,6 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/cpu/Gelu.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -794,6 +795,66 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split
   return {grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel};
 }
 
+// -------------------------------------------------------------------- gate_up_act_mul_count --
+// The CPU composite of the fused GEMM + count op: gate = x w_gate^T and up = x w_up^T as fp32
+// GEMMs of the upcast inputs (at::mm, the same call lape_kernels/reference.py makes, so gate/up
+// and hence the counts are the reference's bit for bit), then act_mul_count above on those fp32
+// projections; its fp32 product is rounded once to x's dtype. The GEMMs are at::mm's (MKL /
+// oneDNN, multithreaded); the projections are materialised in fp32, unlike the Triton kernel.
+
+inline void check_gemm_operand(const Tensor& t, const char* name, const char* dims) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D ", dims, ", got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+                    " must be float32, bfloat16 or float16, got ", dt);
+}
+
+// x [T, H], w_gate/w_up [I, H]: float, one dtype, CPU, contiguous last dimension.
+inline void check_gemm_inputs(const Tensor& x, const Tensor& w_gate, const Tensor& w_up) {
+  check_gemm_operand(x, "x", "[tokens, hidden]");
+  check_gemm_operand(w_gate, "w_gate", "[intermediate, hidden]");
+  check_gemm_operand(w_up, "w_up", "[intermediate, hidden]");
+  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "w_gate and w_up must have the same shape, got ",
+                    w_gate.sizes(), " and ", w_up.sizes());
+  TORCH_CHECK_VALUE(x.size(1) == w_gate.size(1),
+                    "x and w_gate must have the same hidden size (dim 1), got ", x.sizes(), " and ",
+                    w_gate.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == w_gate.scalar_type() && x.scalar_type() == w_up.scalar_type(),
+                    "x, w_gate and w_up must have the same dtype, got ", x.scalar_type(), ", ",
+                    w_gate.scalar_type(), " and ", w_up.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == w_gate.device() && x.device() == w_up.device(),
+                    "x, w_gate and w_up must be on the same device, got ", x.device(), ", ",
+                    w_gate.device(), " and ", w_up.device());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ",
+                    x.device());
+  check_rows(x, "x");
+  check_rows(w_gate, "w_gate");
+  check_rows(w_up, "w_up");
+}
+
+inline std::tuple<Tensor, Tensor, Tensor> gate_up_act_mul_count(
+    const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const std::string& activation,
+    const std::optional<Tensor>& token_lang, int64_t num_langs) {
+  check_gemm_inputs(x, w_gate, w_up);
+  parse_activation(activation);
+  // act_mul_count checks these again; checking first avoids two GEMMs on a bad call.
+  TORCH_CHECK_VALUE(num_langs >= 1, "num_langs must be >= 1, got ", num_langs);
+  const int64_t T = x.size(0);
+  if (token_lang.has_value()) {
+    const Tensor& t = *token_lang;
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == T && t.scalar_type() == at::kLong,
+                      "token_lang must be int64 of shape [", T, "], got ", t.scalar_type(),
+                      " of shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == x.device(), "token_lang must be on ", x.device(), ", got ",
+                      t.device());
+  }
+  const Tensor xf = x.to(at::kFloat);
+  const Tensor gate = at::mm(xf, w_gate.to(at::kFloat).t());
+  const Tensor up = at::mm(xf, w_up.to(at::kFloat).t());
+  auto [out, over_zero, act_sum] = act_mul_count(gate, up, activation, token_lang, num_langs);
+  return {out.to(x.scalar_type()), over_zero, act_sum};
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace lape_kernels::cpu
 
@@ -805,6 +866,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split
     m.impl("act_mul_backward", &lape_kernels::cpu::act_mul_backward);                       \
     m.impl("act_mul_split", &lape_kernels::cpu::act_mul_split);                             \
     m.impl("act_mul_backward_split", &lape_kernels::cpu::act_mul_backward_split);           \
+    m.impl("gate_up_act_mul_count", &lape_kernels::cpu::gate_up_act_mul_count);             \
   }
 
 // The (empty) Python module a kernels_<isa>.cpp file becomes; importing it runs the

@@ -424,6 +424,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split(
   return {grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel};
 }
 
+// ------------------------------------------------------------------ gate_up_act_mul_count --
+// Composite: gate = x w_gate^T and up = x w_up^T by cuBLAS with fp32 results (bf16/fp16 inputs
+// through at::mm's out_dtype overload, fp32 accumulation, no rounding to the input dtype; fp32
+// inputs through at::mm, so TF32 only if torch.backends.cuda.matmul.allow_tf32 says so), then
+// the act_mul_count kernel above on the fp32 projections and one rounding of out to x's dtype.
+// This materialises gate/up in fp32; the Triton backend (lape_kernels/triton_gemm.py) fuses the
+// count into the GEMM epilogue instead.
+
+void check_gemm_operand(const Tensor& t, const char* name, const char* dims) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D ", dims, ", got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+                    " must be float32, bfloat16 or float16, got ", dt);
+}
+
+std::tuple<Tensor, Tensor, Tensor> gate_up_act_mul_count(const Tensor& x, const Tensor& w_gate,
+                                                         const Tensor& w_up,
+                                                         const std::string& activation,
+                                                         const std::optional<Tensor>& token_lang,
+                                                         int64_t num_langs) {
+  check_gemm_operand(x, "x", "[tokens, hidden]");
+  check_gemm_operand(w_gate, "w_gate", "[intermediate, hidden]");
+  check_gemm_operand(w_up, "w_up", "[intermediate, hidden]");
+  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "w_gate and w_up must have the same shape, got ",
+                    w_gate.sizes(), " and ", w_up.sizes());
+  TORCH_CHECK_VALUE(x.size(1) == w_gate.size(1),
+                    "x and w_gate must have the same hidden size (dim 1), got ", x.sizes(), " and ",
+                    w_gate.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == w_gate.scalar_type() && x.scalar_type() == w_up.scalar_type(),
+                    "x, w_gate and w_up must have the same dtype, got ", x.scalar_type(), ", ",
+                    w_gate.scalar_type(), " and ", w_up.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == w_gate.device() && x.device() == w_up.device(),
+                    "x, w_gate and w_up must be on the same device, got ", x.device(), ", ",
+                    w_gate.device(), " and ", w_up.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  check_rows(x, "x");
+  check_rows(w_gate, "w_gate");
+  check_rows(w_up, "w_up");
+  parse_activation(activation);
+  // act_mul_count checks these again; checking first avoids two GEMMs on a bad call.
+  TORCH_CHECK_VALUE(num_langs >= 1, "num_langs must be >= 1, got ", num_langs);
+  const int64_t T = x.size(0);
+  if (token_lang.has_value()) {
+    const Tensor& t = *token_lang;
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == T && t.scalar_type() == at::kLong,
+                      "token_lang must be int64 of shape [", T, "], got ", t.scalar_type(),
+                      " of shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == x.device(), "token_lang must be on ", x.device(), ", got ",
+                      t.device());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor gate, up;
+  if (x.scalar_type() == at::kFloat) {
+    gate = at::mm(x, w_gate.t());
+    up = at::mm(x, w_up.t());
+  } else {
+    gate = at::mm(x, w_gate.t(), at::kFloat);
+    up = at::mm(x, w_up.t(), at::kFloat);
+  }
+  auto [out, over_zero, act_sum] = act_mul_count(gate, up, activation, token_lang, num_langs);
+  return {out.to(x.scalar_type()), over_zero, act_sum};
+}
+
 }  // namespace
 }  // namespace cuda_impl
 }  // namespace lape_kernels
@@ -434,4 +497,5 @@ TORCH_LIBRARY_IMPL(lape_kernels, CUDA, m) {
   m.impl("act_mul_backward", &lape_kernels::cuda_impl::act_mul_backward);
   m.impl("act_mul_split", &lape_kernels::cuda_impl::act_mul_split);
   m.impl("act_mul_backward_split", &lape_kernels::cuda_impl::act_mul_backward_split);
+  m.impl("gate_up_act_mul_count", &lape_kernels::cuda_impl::gate_up_act_mul_count);
 }
