@@ -30,6 +30,7 @@ import argparse
 import copy
 import csv
 import math
+import os
 import platform
 import statistics
 import sys
@@ -71,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--clock", default="wall", choices=("wall", "process"),
                    help="CPU timing: wall clock, or process CPU time (for machines shared with other jobs)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=1 << 30,
+                   help="CPU: glibc MALLOC_MMAP_THRESHOLD_ (and TRIM) for this process, set by re-executing "
+                        "(default 1 GiB: temporaries come from the heap; 0: leave glibc's dynamic threshold)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for results.md, results.csv, results.png")
     args = p.parse_args(argv)
@@ -418,6 +422,8 @@ def environment(args, device) -> Dict[str, str]:
         "cpu": platform.processor() or platform.machine(),
         "threads": str(torch.get_num_threads()),
     }
+    if device.type == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
     try:
         from lape_kernels import ops
 
@@ -489,8 +495,30 @@ def write_outputs(out: Path, args, env, all_results: Dict[str, Dict[str, Result]
         print(f"warning: no chart ({exc})", file=sys.stderr)
 
 
+_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _pin_malloc(args) -> None:
+    """Re-execute with a fixed glibc mmap threshold (CPU).
+
+    glibc's default threshold is dynamic: whether a freed multi-MB temporary is returned to the OS
+    (and page-faulted in again on the next forward) depends on the process's allocation history.
+    The hook approach allocates the biggest temporaries (an int64 copy of act > 0 per layer), so
+    between otherwise identical runs its cost swung from +2% to +18% of a forward. A fixed, high
+    threshold serves every variant from the heap: the cheapest setting for the hooks, i.e. the
+    conservative one for our ratios.
+    """
+    want = str(args.malloc_mmap_threshold)
+    if args.device != "cpu" or not args.malloc_mmap_threshold or os.environ.get(_MALLOC_VARS[0]) == want:
+        return
+    env = dict(os.environ, **{v: want for v in _MALLOC_VARS})
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if argv is None:
+        _pin_malloc(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -526,8 +526,10 @@ def _plot(results, args, path: Path) -> None:
     ok = [r.get("status") == "ok" for r in results]
     mem = [r["peak_mb"] / 1024 if o else 0.0 for r, o in zip(results, ok)]
     tps = [r["tokens_per_s"] if o else 0.0 for r, o in zip(results, ok)]
-    colors = ["tab:green" if n.startswith("ours") else "tab:gray" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = ["tab:green" if n.startswith("ours") else "lightsteelblue" if n == "floor" else "tab:gray"
+              for n in names]
+    full = next((r for r, o in zip(results, ok) if o and r["config"] == "full"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, vals, title in ((axes[0], mem, "peak memory (GiB)"), (axes[1], tps, "tokens / s")):
         bars = ax.bar(names, vals, color=colors)
         for b, o, r in zip(bars, ok, results):
@@ -535,7 +537,12 @@ def _plot(results, args, path: Path) -> None:
                 ax.text(b.get_x() + b.get_width() / 2, 0, r.get("status", "?"), ha="center", va="bottom",
                         rotation=90, color="tab:red")
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=30)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    if full:  # the targets, relative to full fine-tuning
+        axes[0].axhline(0.45 * full["peak_mb"] / 1024, color="tab:red", ls="--", lw=1, label="0.45x full FT")
+        axes[1].axhline(2 * full["tokens_per_s"], color="tab:red", ls="--", lw=1, label="2x full FT")
+        for ax in axes:
+            ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(f"{args.shape} {args.device} {args.dtype} batch {args.batch}x{args.seq}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
