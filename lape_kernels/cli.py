@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: 1e-4 neurons/random/lora, 1e-5 full/ffn")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--recompute", default="none", choices=("none", "up", "gate_up"),
+                   help="neurons/random: recompute these MLP projections in backward instead of keeping them "
+                        "(less memory, one or two more GEMMs per layer; same results)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--batch-size", type=_positive_int, default=4)
@@ -160,7 +163,7 @@ def finetune_config(args: Any):
         lora_dropout=args.lora_dropout, eval_every=args.eval_every, eval_at_start=args.eval_at_start,
         val_tokens=args.val_tokens, eval_batch_size=args.eval_batch_size, save_every=args.save_every,
         seed=args.seed, device=args.device, dtype=args.dtype, autocast=args.autocast, cache_dir=args.cache_dir,
-        stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
+        stop_after_steps=args.stop_after_steps, overwrite=args.overwrite, recompute=args.recompute)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -191,6 +191,27 @@ def test_resume_is_bit_exact(toy, pipeline, tmp_path, method, capsys):
     assert run_a["best"] == run_b["best"] and run_a["config_hash"] == run_b["config_hash"]
 
 
+def test_recompute_flag_trains_the_same_weights(toy, pipeline, tmp_path, capsys):
+    """--recompute up/gate_up changes memory and time only: same losses, same saved neurons."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("none", "gate_up"):
+        out = tmp_path / mode
+        assert main(_finetune_args(toy, pipeline["neurons"], out, steps=3, extra=["--recompute", mode])) == 0
+        log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+        files = sorted(p for p in (out / "best").iterdir() if p.suffix == ".safetensors")
+        runs[mode] = ([r["loss"] for r in log], {f.name: load_file(str(f)) for f in files})
+    assert runs["none"][0] == runs["gate_up"][0]
+    assert runs["none"][1].keys() == runs["gate_up"][1].keys() and runs["none"][1]
+    for name, tensors in runs["none"][1].items():
+        for k, t in tensors.items():
+            assert torch.equal(t, runs["gate_up"][1][name][k]), (name, k)
+    out = tmp_path / "bad"
+    _bad(capsys, _finetune_args(toy, pipeline["neurons"], out, "full", extra=["--recompute", "up"]), out,
+         "--recompute applies to --method neurons/random")
+
+
 def test_finetune_methods_and_eval(toy, pipeline, tmp_path, capsys):
     """Every method trains what it should, and eval's after-perplexity of the target equals the
     run's own final validation perplexity (two code paths, one number)."""

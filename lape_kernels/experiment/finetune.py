@@ -69,7 +69,8 @@ RUN_FORMAT = "lape_kernels.run"
 ARTIFACT_FORMAT = {"neurons": "neurons", "random": "neurons", "lora": "lora", "ffn": "weights", "full": "weights"}
 
 # settings that do not change the result (left out of the resume/identity hash)
-_NOT_HASHED = ("out", "stop_after_steps", "overwrite", "cache_dir", "save_every", "quiet")
+# (recompute: bit-identical training, only memory and time differ; tested)
+_NOT_HASHED = ("out", "stop_after_steps", "overwrite", "cache_dir", "save_every", "quiet", "recompute")
 
 
 @dataclass
@@ -108,6 +109,7 @@ class FinetuneConfig:
     stop_after_steps: Optional[int] = None
     overwrite: bool = False
     quiet: bool = False
+    recompute: str = "none"
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -133,6 +135,12 @@ class FinetuneConfig:
             raise ExperimentError("--weight-decay, --grad-clip and --warmup-steps must be >= 0")
         if not (0 <= self.lora_dropout < 1):
             raise ExperimentError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        from ..training.sparse_mlp import RECOMPUTE_MODES
+
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ExperimentError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
+        if self.recompute != "none" and self.method not in ("neurons", "random"):
+            raise ExperimentError(f"--recompute applies to --method neurons/random (sparse training), not {self.method}")
         if self.stop_after_steps is not None and self.stop_after_steps <= 0:
             raise ExperimentError(f"--stop-after-steps must be positive, got {self.stop_after_steps}")
         if self.save_every is not None and self.save_every < 0:
@@ -295,7 +303,7 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
                                notes=[f"{cfg.method} set for {cfg.language} (seed {cfg.seed})"
                                       if cfg.method == "random" else f"LAPE neurons of {cfg.language}"])
         try:
-            patching.patch(model, neurons=per_layer)
+            patching.patch(model, neurons=per_layer, recompute=cfg.recompute)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ExperimentError(f"--neurons {cfg.neurons} does not fit the model: {one_line(exc)}") from None
         info["neuron_count"] = total
