@@ -4,7 +4,6 @@ the whole batch."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -51,10 +50,10 @@ def _train(model, params, batches):
     return losses
 
 
-def _worker(rank, port, family, wrapper, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, family, wrapper, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file rendezvous: no TCP port to race for with other jobs on the machine
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         model = _model(family)
         ids = _batch().chunk(WORLD)[rank]  # equal-size shards with equal token counts: mean of means = mean
@@ -75,20 +74,15 @@ def _worker(rank, port, family, wrapper, out_dir):
             state = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if rank == 0:
             torch.save(state, os.path.join(out_dir, "state.pt"))
+        dist.barrier()  # nobody tears gloo down while the other rank still talks to it
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_wrapped_training_equals_one_process(family, wrapper, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), family, wrapper, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(family, wrapper, str(tmp_path)), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "state.pt", weights_only=True)
 
     model = _model(family)
