@@ -1,6 +1,6 @@
 """Memory over one training step (forward / backward / optimizer) for chosen configurations.
 
-Each configuration (see bench_train.py: full, ffn, paper, lora, ours, ours-hfloss) runs in its
+Each configuration (any of bench_train.py's: full, ffn, paper, lora, ours, ours-recompute-up, ...) runs in its
 own process: build the model, one warm-up step (so AdamW's state exists), then one profiled step
 while a sampler thread records memory every --interval-ms: process RSS on CPU,
 ``torch.cuda.memory_allocated`` on CUDA (plus a ``torch.cuda.memory._record_memory_history``
@@ -66,7 +66,7 @@ def run_worker(config: str, args) -> Dict[str, Any]:
     model = bt.build_model(args.shape, args.device, args.dtype)
     neurons = bt.select_neurons(model, args)
     model, params = bt.setup(config, model, neurons, args)
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    opt = bt._optimizer(params)  # a no-op for configurations with nothing to train (floor)
     V = bt.SHAPES[args.shape]["vocab_size"]
     ids = torch.randint(0, V, (args.batch, args.seq), generator=torch.Generator().manual_seed(123)).to(args.device)
 
