@@ -137,13 +137,8 @@ def _act_mul_fake(gate, up, activation):
 @torch.library.register_fake("lape_kernels::act_mul_count")
 def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
     _check_common(gate, up, activation)
-    if num_langs < 1:
-        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
     T, I = gate.shape
-    if token_lang is not None and (token_lang.dim() != 1 or token_lang.shape[0] != T or token_lang.dtype != torch.int64):
-        raise ValueError(
-            f"token_lang must be int64 of shape [{T}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}"
-        )
+    _ref.check_count_args(T, gate.device, token_lang, num_langs)
     return (
         gate.new_empty(gate.shape),
         gate.new_empty((num_langs, I), dtype=torch.int64),
@@ -153,20 +148,10 @@ def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
 
 @torch.library.register_fake("lape_kernels::gate_up_act_mul_count")
 def _gate_up_act_mul_count_fake(x, w_gate, w_up, activation, token_lang, num_langs):
-    _ref.check_gemm_inputs(x, w_gate, w_up)
-    _check_rows(x, "x")
-    _check_rows(w_gate, "w_gate")
-    _check_rows(w_up, "w_up")
-    _ref.check_activation(activation)
-    if num_langs < 1:
-        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
+    _ref.check_gate_up_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
+    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
+        _check_rows(t, name)
     T, I = x.shape[0], w_gate.shape[0]
-    if token_lang is not None and (token_lang.dim() != 1 or token_lang.shape[0] != T or token_lang.dtype != torch.int64):
-        raise ValueError(
-            f"token_lang must be int64 of shape [{T}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}"
-        )
-    if token_lang is not None and token_lang.device != x.device:
-        raise ValueError(f"token_lang must be on {x.device}, got {token_lang.device}")
     return (
         x.new_empty((T, I)),
         x.new_empty((num_langs, I), dtype=torch.int64),

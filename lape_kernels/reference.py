@@ -65,6 +65,29 @@ def check_gemm_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor)
         )
 
 
+def check_count_args(num_tokens: int, device: torch.device, token_lang: Optional[torch.Tensor],
+                     num_langs: int) -> None:
+    """``num_langs`` and ``token_lang`` of the counting ops (same messages on every backend)."""
+    if num_langs < 1:
+        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
+    if token_lang is None:
+        return
+    if token_lang.dim() != 1 or token_lang.shape[0] != num_tokens or token_lang.dtype != torch.int64:
+        raise ValueError(
+            f"token_lang must be int64 of shape [{num_tokens}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}"
+        )
+    if token_lang.device != device:
+        raise ValueError(f"token_lang must be on {device}, got {token_lang.device}")
+
+
+def check_gate_up_count_args(x, w_gate, w_up, activation: str, token_lang: Optional[torch.Tensor],
+                             num_langs: int) -> None:
+    """Every argument check of gate_up_act_mul_count but the kernels' last-dim contiguity."""
+    check_gemm_inputs(x, w_gate, w_up)
+    check_activation(activation)
+    check_count_args(x.shape[0], x.device, token_lang, num_langs)
+
+
 def check_sel(sel: torch.Tensor, intermediate: int, device: torch.device) -> None:
     if sel.dim() != 1 or sel.dtype != torch.int64:
         raise ValueError(f"sel must be a 1-D int64 tensor, got {sel.dtype} of shape {tuple(sel.shape)}")
@@ -116,13 +139,10 @@ def act_mul_count(
     num_langs: int,
 ):
     check_gate_up(gate, up)
-    if num_langs < 1:
-        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
     T, I = gate.shape
+    check_count_args(T, gate.device, token_lang, num_langs)
     if token_lang is None:
         token_lang = torch.zeros(T, dtype=torch.int64, device=gate.device)
-    if token_lang.dim() != 1 or token_lang.shape[0] != T or token_lang.dtype != torch.int64:
-        raise ValueError(f"token_lang must be int64 of shape [{T}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}")
     a = act_fp32(gate, activation)
     out = (a * up.float()).to(gate.dtype)
     over_zero = torch.zeros(num_langs, I, dtype=torch.int64, device=gate.device)
@@ -150,8 +170,7 @@ def gate_up_act_mul_count(
     The GEMM's summation order is not part of the contract (kernels differ from this by GEMM
     rounding, so a count may differ only where |gate| is within that rounding of 0).
     """
-    check_gemm_inputs(x, w_gate, w_up)
-    check_activation(activation)
+    check_gate_up_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
     gate = x.float() @ w_gate.float().T
     up = x.float() @ w_up.float().T
     out, over_zero, act_sum = act_mul_count(gate, up, activation, token_lang, num_langs)

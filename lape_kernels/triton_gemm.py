@@ -163,22 +163,10 @@ def _config(dtype: torch.dtype, device: torch.device):
 
 
 def _check_args(x, w_gate, w_up, activation, token_lang, num_langs):
-    """reference.check_gemm_inputs + last-dim contiguity + activation, num_langs, token_lang."""
-    _ref.check_gemm_inputs(x, w_gate, w_up)
-    _check_rows(x, "x")
-    _check_rows(w_gate, "w_gate")
-    _check_rows(w_up, "w_up")
-    _ref.check_activation(activation)
-    if num_langs < 1:
-        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
-    T = x.shape[0]
-    if token_lang is not None:
-        if token_lang.dim() != 1 or token_lang.shape[0] != T or token_lang.dtype != torch.int64:
-            raise ValueError(
-                f"token_lang must be int64 of shape [{T}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}"
-            )
-        if token_lang.device != x.device:
-            raise ValueError(f"token_lang must be on {x.device}, got {token_lang.device}")
+    """reference.check_gate_up_count_args + last-dim contiguity."""
+    _ref.check_gate_up_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
+    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
+        _check_rows(t, name)
 
 
 def _impl(x, w_gate, w_up, activation, token_lang, num_langs, *, block_t=None, block_i=None,

@@ -363,15 +363,7 @@ def _check_gate_up(gate, up, activation):
 
 def _check_count_args(gate, up, activation, token_lang, num_langs):
     _check_gate_up(gate, up, activation)
-    if num_langs < 1:
-        raise ValueError(f"num_langs must be >= 1, got {num_langs}")
-    T = gate.shape[0]
-    if token_lang is not None:
-        if token_lang.dim() != 1 or token_lang.shape[0] != T or token_lang.dtype != torch.int64:
-            raise ValueError(
-                f"token_lang must be int64 of shape [{T}], got {token_lang.dtype} of shape {tuple(token_lang.shape)}"
-            )
-        _check_same_device("token_lang", token_lang, gate.device)
+    _ref.check_count_args(gate.shape[0], gate.device, token_lang, num_langs)
 
 
 def _check_split_args(gate, up, activation, sel):

@@ -114,9 +114,7 @@ def _make_function(device_type: str):
             # Saved: x and, unless recomputed in backward, gate and up ([T, I] each: the bulk of
             # a sparse step's activation memory); h is recomputed by act_mul_backward_split. The
             # weights are references, not copies.
-            keep_gate = recompute not in ("gate_up",)
-            keep_up = recompute not in ("up", "gate_up")
-            ctx.save_for_backward(x, gate if keep_gate else None, up if keep_up else None,
+            ctx.save_for_backward(x, gate if recompute != "gate_up" else None, up if recompute == "none" else None,
                                   wg, wu, wd, bg, bu, pg, pu, pd, sel)
             ctx.activation = activation
             return y
