@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--recompute", default="none", choices=("none", "up", "gate_up"),
+                   help="recompute these MLP projections in backward instead of keeping them (less memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save neurons / merged model (default: a temp dir)")
     args = p.parse_args(argv)
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
 
     model, tok, make_fresh = load(args)
     neurons, language = pick_neurons(model, args)
-    lape_kernels.patch(model, neurons=neurons, language=language)  # also installs the chunked loss
+    # also installs the chunked loss; recompute= trades activation memory for GEMMs (same results)
+    lape_kernels.patch(model, neurons=neurons, language=language, recompute=args.recompute)
     params = trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in params)

@@ -227,8 +227,9 @@ def test_save_and_merge_need_trainable_neurons(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["train_plain_loop.py", "train_with_trainer.py"])
-def test_examples_run(script, tmp_path):
+@pytest.mark.parametrize("script, extra", [("train_plain_loop.py", []), ("train_plain_loop.py", ["--recompute", "up"]),
+                                           ("train_with_trainer.py", [])])
+def test_examples_run(script, extra, tmp_path):
     """The examples train, save, reload (bit-exact) and merge on a tiny model."""
     import subprocess
     import sys
@@ -236,7 +237,7 @@ def test_examples_run(script, tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, str(root / "examples" / script), "--steps", "3", "--family", "phi3",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+                           "--out", str(tmp_path), *extra], capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "max |logit diff| = 0.00e+00" in proc.stdout
     assert (tmp_path / "neurons" / CONFIG_NAME).is_file()
