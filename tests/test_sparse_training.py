@@ -231,6 +231,7 @@ def test_neuron_set_input():
         ([torch.tensor([[1]]), torch.tensor([1])], ValueError, "1-D"),
         ([[1, 2], torch.tensor([1])], TypeError, "torch.Tensor"),
         (torch.tensor([1, 2]), TypeError, "per-layer list"),
+        ([torch.zeros(0, dtype=torch.int64)] * 2, ValueError, "selects no neuron in any layer"),
     ],
 )
 def test_bad_neurons(neurons, exc, match):

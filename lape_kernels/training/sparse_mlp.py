@@ -261,6 +261,12 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
     if len(per_layer) != num_layers:
         raise ValueError(f"neurons has {len(per_layer)} layers, the model has {num_layers} decoder layers")
     indices = [_validate_layer(t, li, intermediate) for li, t in enumerate(per_layer)]
+    if not any(t.numel() for t in indices):
+        which = f" for language {language!r}" if language is not None else ""
+        raise ValueError(
+            f"neurons selects no neuron in any layer{which}: nothing would be trained (a LAPE set is empty when "
+            "too few tokens per language were counted or top_rate is too small)"
+        )
 
     if has_trainable_neurons(model):
         clear_trainable_neurons(model)
