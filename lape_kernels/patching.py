@@ -193,6 +193,17 @@ def biases(mlp: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tenso
     return mlp.gate_proj.bias, mlp.up_proj.bias, mlp.down_proj.bias
 
 
+def _fused_gemm_applies(mlp: nn.Module, x2: torch.Tensor) -> bool:
+    """Whether ``gate_up_act_mul_count`` computes this MLP's forward exactly as the module would
+    up to GEMM rounding: no gate/up bias, the weights' dtype (no autocast cast), and nothing
+    that needs a gradient through the op (it is inference-only)."""
+    wg, wu, _ = weights(mlp)
+    bg, bu, _ = biases(mlp)
+    if bg is not None or bu is not None or x2.dtype != wg.dtype or torch.is_autocast_enabled(x2.device.type):
+        return False
+    return not (torch.is_grad_enabled() and (x2.requires_grad or wg.requires_grad or wu.requires_grad))
+
+
 def _lape_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The patched MLP forward: act(gate) * up in one fused op (+ LAPE counting when recording)."""
     from . import ops  # imported lazily so that patching metadata works without the extension
@@ -205,12 +216,17 @@ def _lape_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
         out = sparse_mlp_forward(self, x2)
         return out.reshape(*shape[:-1], out.shape[-1])
-    gate, up = gate_up(self, x2)
     if st.recorder is not None:
         token_lang, num_langs = st.recorder.token_lang(x2.shape[0], x2.device)
-        h, over_zero, act_sum = ops.act_mul_count(gate, up, st.activation, token_lang, num_langs)
+        if getattr(st.recorder, "fused_gemm", False) and _fused_gemm_applies(self, x2):
+            wg, wu, _ = weights(self)
+            h, over_zero, act_sum = ops.gate_up_act_mul_count(x2, wg, wu, st.activation, token_lang, num_langs)
+        else:
+            gate, up = gate_up(self, x2)
+            h, over_zero, act_sum = ops.act_mul_count(gate, up, st.activation, token_lang, num_langs)
         st.recorder.accumulate(st.layer_index, over_zero, act_sum)
     else:
+        gate, up = gate_up(self, x2)
         h = ops.act_mul(gate, up, st.activation)
     if st.deactivated is not None:
         h = h.index_fill(1, st.deactivated, 0.0)

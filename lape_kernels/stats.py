@@ -418,6 +418,7 @@ class _Recorder:
         self.outer_masks: List[Optional[torch.Tensor]] = []  # 2-D masks of enclosing calls
         self.body_sig: Optional[inspect.Signature] = None
         self.handles: list = []
+        self.fused_gemm = False  # count with gate_up_act_mul_count (see record)
 
     # -- protocol used by the patched MLP forward ----------------------------------------------
     def token_lang(self, num_tokens: int, device: torch.device) -> Tuple[Optional[torch.Tensor], int]:
@@ -687,7 +688,7 @@ def _meta(model: nn.Module, recorder: _Recorder, language: Optional[str]) -> Dic
 
 @contextlib.contextmanager
 def record(
-    model: nn.Module, languages: Union[None, str, Sequence[str]] = None
+    model: nn.Module, languages: Union[None, str, Sequence[str]] = None, *, fused_gemm: bool = False
 ) -> Iterator[Union[ActivationStats, StatsByLanguage]]:
     """Collect LAPE statistics of every forward run inside the block.
 
@@ -695,6 +696,13 @@ def record(
     ``StatsByLanguage`` (call ``stats.set_batch_languages(ids)`` before each batch unless the
     list has one language). Padding (attention_mask == 0) is never counted. The model is patched
     if needed, and unpatched on exit only if ``record`` patched it.
+
+    ``fused_gemm=True`` counts with ``gate_up_act_mul_count``: on CUDA (Triton backend) one GEMM
+    kernel computes gate and up and counts in its epilogue, so they never reach memory. gate/up
+    are then the GEMM's fp32 accumulators, not rounded to the model's dtype (a sign can differ
+    only where |gate| is within GEMM rounding of 0). MLPs with gate/up biases, autocast and
+    forwards that need gradients use the standard path. On CPU the op is two fp32 GEMMs + the
+    count: same counts, no faster.
     """
     if isinstance(languages, str):
         names: Optional[List[str]] = None
@@ -711,6 +719,7 @@ def record(
     recorder: Optional[_Recorder] = None
     try:
         recorder = _Recorder(model, names)
+        recorder.fused_gemm = bool(fused_gemm)
         recorder.install()
         if names is None:
             stats: Union[ActivationStats, StatsByLanguage] = _live_stats(recorder, 0, _meta(model, recorder, single_name))

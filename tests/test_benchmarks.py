@@ -37,9 +37,10 @@ def test_bench_train_runs_every_configuration(tmp_path):
 
 def test_bench_collect_runs_and_counts_match(tmp_path):
     out = _run(["benchmarks/bench_collect.py", "--layers", "2", "--batch", "1", "--seq", "16", "--mlp-tokens", "32",
-                "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)], tmp_path)
+                "--repeats", "1", "--warmup", "0", "--fused-gemm", "--out", str(tmp_path)], tmp_path)
     assert "'MALLOC_MMAP_THRESHOLD_': '1073741824'" in out  # the script pinned glibc's threshold
     assert "record vs hooks: bit-identical" in out
     for name in ("results.md", "results.csv", "results.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "hooks/record" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "hooks/record " in md and "hooks/record-gemm " in md

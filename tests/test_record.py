@@ -496,3 +496,70 @@ def test_multimodal_gemma3_uses_the_outer_2d_mask():
         got = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(stats.over_zero, torch.stack(counts)) and stats.n_tokens == int(mask.sum())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fused_gemm=True
+
+
+def _calls_of_fused_op(monkeypatch):
+    from lape_kernels import ops
+
+    calls = []
+    real = ops.gate_up_act_mul_count
+    monkeypatch.setattr(ops, "gate_up_act_mul_count", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_gemm_record_equals_standard_record_fp32(family, monkeypatch):
+    """On CPU the fused op runs the same fp32 GEMM as the module: identical counts and logits."""
+    model = tiny_model(family)
+    ids, mask = random_batch(padding="left")
+    calls = _calls_of_fused_op(monkeypatch)
+    runs = {}
+    for fused in (False, True):
+        with torch.no_grad(), record(model, fused_gemm=fused) as stats:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        runs[fused] = (stats, logits)
+    assert len(calls) == model.config.num_hidden_layers  # only the fused run took the fused path
+    (a, la), (b, lb) = runs[False], runs[True]
+    assert torch.equal(a.over_zero, b.over_zero) and a.n_tokens == b.n_tokens
+    torch.testing.assert_close(b.act_sum, a.act_sum, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
+def test_fused_gemm_record_bf16_differs_only_by_gemm_rounding(family):
+    """bf16: gate/up stay fp32 in the fused op (HF rounds them to bf16). Layer 0 sees the same
+    input, and rounding never flips a sign, so its counts are equal; deeper layers see slightly
+    different inputs."""
+    model = tiny_model(family, dtype=torch.bfloat16)
+    ids, mask = random_batch(padding="right")
+    a = _record(model, ids, mask)
+    with torch.no_grad(), record(model, fused_gemm=True) as b:
+        model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(a.over_zero[0], b.over_zero[0]) and a.n_tokens == b.n_tokens
+    flips = int((a.over_zero - b.over_zero).abs().sum())
+    assert flips <= 0.01 * int(a.over_zero.sum())
+
+
+def test_fused_gemm_falls_back_where_it_does_not_apply(monkeypatch):
+    """Forwards that need gradients, autocast and MLP biases take the standard path."""
+    calls = _calls_of_fused_op(monkeypatch)
+    model = tiny_model("llama")
+    ids, mask = random_batch()
+    with record(model, fused_gemm=True) as stats:
+        model.model.embed_tokens.weight.requires_grad_(True)
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()  # grads through the MLPs
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    assert calls == [] and stats.n_tokens == 2 * int(mask.sum())
+    biased = tiny_model("llama")
+    biased.config.mlp_bias = True
+    for layer in biased.model.layers:
+        for name in ("gate_proj", "up_proj"):
+            lin = getattr(layer.mlp, name)
+            lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features))
+    with torch.no_grad(), record(biased, fused_gemm=True):
+        biased(input_ids=ids, attention_mask=mask)
+    assert calls == []
