@@ -77,6 +77,12 @@ def _worker(rank, family, wrapper, out_dir):
         dist.barrier()  # nobody tears gloo down while the other rank still talks to it
     finally:
         dist.destroy_process_group()
+    # Everything is done and saved. About 1 run in 10 (FSDP2 over gloo, torch 2.13) then dies at
+    # interpreter exit with "terminate called without an active exception" (a C++ thread torn
+    # down by a static destructor, after destroy_process_group returned). Leave without running
+    # the destructors; a failure above still raises and reaches mp.spawn as usual.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
