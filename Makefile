@@ -7,17 +7,19 @@ BUILD_STAMP := $(VENV)/.built
 
 .PHONY: venv build test test-slow test-all demo bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# torch first and alone, pinned: the CPU wheel these machines carry; never a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements.txt
+	# build tools, then the package's own dependencies (pyproject extras) at the tested versions
+	$(PY) -m pip install -q -c constraints.txt ninja
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-$(BUILD_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h)
+$(BUILD_STAMP): $(STAMP) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(BUILD_STAMP)
 

@@ -19,7 +19,7 @@ import glob
 import os
 import platform
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -100,17 +100,10 @@ def _extensions():
     return exts
 
 
+# Metadata, dependencies and the console script live in pyproject.toml; this file only
+# declares the compiled extensions, which need torch's build helpers.
 setup(
-    name="lape_kernels",
-    version="0.1.0",
-    description="Fused LAPE language-neuron counting and sparse neuron fine-tuning kernels for HF LLMs",
-    packages=find_packages(include=["lape_kernels", "lape_kernels.*"]),
-    python_requires=">=3.10",
-    # requirements.txt drives the environment; torch is deliberately not listed here so that
-    # installing this package can never pull a (CUDA) torch build.
-    install_requires=[],
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["lape-kernels = lape_kernels.cli:main"]},
     zip_safe=False,
 )

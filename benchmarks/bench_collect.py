@@ -261,7 +261,7 @@ def backends_for(args, device: torch.device) -> List[str]:
     """Which kernel backends the patched variants run on ([''] on CPU)."""
     if device.type != "cuda":
         return [""]
-    from lape_kernels import ops
+    from lape_kernels.kernels import ops
 
     have_cpp = ops._HAS_CUDA_CPP
     if args.backend == "both":
@@ -278,7 +278,7 @@ def backend_setup(backend: str) -> Optional[Callable[[], None]]:
     """Select the CUDA kernel backend before a timing (untimed); None on CPU."""
     if not backend:
         return None
-    from lape_kernels import ops
+    from lape_kernels.kernels import ops
 
     def setup():
         if ops.current_cuda_backend() != backend:
@@ -308,7 +308,7 @@ def section_model(args, device, timer, notes: List[str]) -> Dict[str, Result]:
         "plain": Variant(lambda: body_plain(input_ids=ids)),
         "hooks": Variant(lambda: body_hooks(input_ids=ids)),
     }
-    patching.patch(body_patched, chunked_loss=False)
+    lape_kernels.patch(body_patched, chunked_loss=False)
     with torch.no_grad(), lape_kernels.record(body_patched) as stats:
         recorder = stats._live[0]
 
@@ -356,7 +356,7 @@ def section_mlp(args, device, timer, notes: List[str]) -> Dict[str, Result]:
     body = build_body(one, device)
     mlp = body.layers[0].mlp
     patched_body = shell(body)
-    patching.patch(patched_body, chunked_loss=False)
+    lape_kernels.patch(patched_body, chunked_loss=False)
     pmlp = patched_body.layers[0].mlp
     inter = body.config.intermediate_size
     counter_acc = torch.zeros(inter, dtype=torch.int64, device=device)
@@ -388,7 +388,7 @@ def section_mlp(args, device, timer, notes: List[str]) -> Dict[str, Result]:
 
 
 def section_elementwise(args, device, timer, notes: List[str]) -> Dict[str, Result]:
-    from lape_kernels import ops
+    from lape_kernels.kernels import ops
 
     _, inter, *_ = SHAPES[args.shape]
     g = torch.Generator().manual_seed(args.seed + 2)
@@ -446,7 +446,7 @@ def environment(args, device) -> Dict[str, str]:
     if device.type == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
     try:
-        from lape_kernels import ops
+        from lape_kernels.kernels import ops
 
         env["cpu_kernels"] = ops.cpu_kernels
         if device.type == "cuda":
@@ -546,7 +546,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch has no CUDA device", file=sys.stderr)
         return 2
-    import lape_kernels.ops  # noqa: F401  (fail early, with the build hint, if the extension is missing)
+    import lape_kernels.kernels.ops  # noqa: F401  (fail early, with the build hint, if the extension is missing)
 
     env = environment(args, device)
     print("environment:", env, flush=True)

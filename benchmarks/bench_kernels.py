@@ -26,8 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lape_kernels import ops
-from lape_kernels import reference as ref
+from lape_kernels.kernels import ops
+from lape_kernels.kernels import reference as ref
 
 if os.environ.get("LAPE_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["LAPE_BENCH_THREADS"]))

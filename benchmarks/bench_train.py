@@ -230,7 +230,7 @@ def run_worker(config: str, args) -> Dict[str, Any]:
         # everything any configuration imports, so that RSS here is the same runtime baseline
         import peft  # noqa: F401
         import transformers  # noqa: F401
-        import lape_kernels.ops  # noqa: F401
+        import lape_kernels.kernels.ops  # noqa: F401
         import lape_kernels.training  # noqa: F401
 
         gc.collect()

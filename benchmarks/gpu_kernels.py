@@ -72,12 +72,12 @@ def main(argv=None) -> int:
     if cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-    from lape_kernels import reference as ref
-    from lape_kernels import triton_gemm as tg
-    from lape_kernels import triton_kernels as tk
+    from lape_kernels.kernels import reference as ref
+    from lape_kernels.kernels import triton_gemm as tg
+    from lape_kernels.kernels import triton_elementwise as tk
 
     try:
-        from lape_kernels import ops as lk_ops
+        from lape_kernels.kernels import ops as lk_ops
 
         has_cpp = bool(lk_ops._HAS_CUDA_CPP)
     except ImportError as exc:  # extension not built: Triton only, called directly

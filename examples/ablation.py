@@ -28,6 +28,7 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
                  activation_bar_ratio: float = 0.95, seed: int = 0, device: str = "auto", dtype: str = "float32",
                  collect_dtype: str = "fast", cache_dir: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
     """Run the check; returns (and writes to ``out/results.json``) the perplexity matrices."""
+    import lape_kernels
     from lape_kernels import patching
     from lape_kernels.experiment.collect import collect, identify_neurons
     from lape_kernels.experiment.common import load_corpus, load_model, now, parse_device, parse_dtype, write_json_atomic
@@ -57,7 +58,7 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     m, tok = load_model(model, parse_dtype(dtype, dev, auto=torch.float32), dev, cache_dir)
     corpus = load_corpus(data, languages, cache_dir=cache_dir)
     packed = pack_validation(tok, corpus, languages, seq_len, val_tokens)
-    patching.patch(m)
+    lape_kernels.patch(m)
     from lape_kernels.experiment.common import eval_loss_chunk
     from lape_kernels.training.loss import install_chunked_loss
 

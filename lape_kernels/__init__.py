@@ -1,52 +1,54 @@
 """lape_kernels: fused LAPE counting and sparse language-neuron fine-tuning for HF LLMs.
 
-    import lape_kernels
-    lape_kernels.patch(model)
-    with lape_kernels.record(model) as stats:
+    import lape_kernels as lk
+    lk.patch(model)
+    with lk.record(model) as stats:
         model(input_ids, attention_mask=mask)
-    neurons = lape_kernels.identify({"en": stats_en, "mt": stats_mt})
+    neurons = lk.identify({"en": stats_en, "mt": stats_mt})
 
-Public names are loaded lazily so that importing the package is cheap and the pieces that
-need the compiled extension only load it when used.
+Every public name is bound here once, at import, so ``lk.<name>`` is the same object on every
+lookup whatever else was imported (no submodule carries a public name). The compiled extension
+is loaded when an op first runs (``lape_kernels.kernels.ops``).
 """
 from __future__ import annotations
 
-import importlib
+from .version import __version__
 
-__version__ = "0.1.0"
-
-_EXPORTS = {
-    "patch": "patching",
-    "unpatch": "patching",
-    "is_patched": "patching",
-    "supported_model_types": "patching",
-    "UnsupportedModelError": "patching",
-    "record": "stats",
-    "ActivationStats": "stats",
-    "StatsByLanguage": "stats",
-    "identify": "identify",
-    "NeuronSet": "neurons",
-    "deactivate": "neurons",
-    "merge": "training",
-    "save_neurons": "training",
-    "load_neurons": "training",
-    "trainable_parameters": "training",
-    "ops": None,
-    "reference": None,
-}
-
-__all__ = sorted(_EXPORTS)
+from .api import patch, unpatch
+from .introspection import UnsupportedModelError, supported_model_types
+from .neurons import NeuronSet, deactivate, identify
+from .patching import is_patched
+from .stats import ActivationStats, StatsByLanguage, record
+from .training import load_neurons, merge, save_neurons, trainable_parameters
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lape_kernels' has no attribute {name!r}")
-    module_name = _EXPORTS[name]
-    if module_name is None:
-        return importlib.import_module(f".{name}", __name__)
-    module = importlib.import_module(f".{module_name}", __name__)
-    return getattr(module, name)
+    # the kernel modules load the compiled extension: only when asked for
+    if name in ("ops", "reference"):
+        import importlib
+
+        module = importlib.import_module(f".kernels.{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'lape_kernels' has no attribute {name!r}")
 
 
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+__all__ = [
+    "ActivationStats",
+    "NeuronSet",
+    "StatsByLanguage",
+    "UnsupportedModelError",
+    "deactivate",
+    "identify",
+    "is_patched",
+    "load_neurons",
+    "merge",
+    "ops",
+    "patch",
+    "record",
+    "reference",
+    "save_neurons",
+    "supported_model_types",
+    "trainable_parameters",
+    "unpatch",
+]

@@ -189,11 +189,12 @@ def hook_counts(
     Returns ``over_zero`` int64 [num_langs, L, I], ``act_sum`` float64 [num_langs, L, I],
     ``n_tokens`` int64 [num_langs].
     """
+    import lape_kernels
     from lape_kernels import patching
 
     ref = copy.deepcopy(model)
     if patching.is_patched(ref):
-        patching.unpatch(ref)
+        lape_kernels.unpatch(ref)
     if round_once is None:
         round_once = next(ref.parameters()).dtype != torch.float32
     if round_once:

@@ -44,9 +44,9 @@ STATS_INDEX = "index.json"
 
 
 def _stem(lang: str, i: int) -> str:
-    from ..stats import _safe_file_stem
+    from ..stats.values import safe_file_stem
 
-    return _safe_file_stem(lang, i)
+    return safe_file_stem(lang, i)
 
 
 def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[str] = None, tokens: int = 100_000,
@@ -57,7 +57,7 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
 
     Returns ``{"out": path, "languages": ..., "tokens": {lang: n}, "seconds": s}``.
     """
-    from .. import patching
+    from .. import api, introspection
     from ..stats import ActivationStats, StatsByLanguage, record
 
     languages = list(languages)
@@ -86,7 +86,7 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
     model_obj, tokenizer = load_model(model, dt, dev, cache_dir)
     packed = {lang: pack(tokenizer, corpus_texts(corpus, lang, "train"), seq_len, max_tokens=tokens,
                          what=f"language {lang!r} train split") for lang in languages}
-    hidden = getattr(patching.text_config(model_obj), "hidden_size", None)
+    hidden = getattr(introspection.text_config(model_obj), "hidden_size", None)
 
     partial = partial_path(out_path)
     if partial.exists():
@@ -99,8 +99,8 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
     partial.mkdir(parents=True, exist_ok=True)
     (partial / "config.json").write_text(dumps({"config_hash": digest, "settings": settings}))
 
-    patching.patch(model_obj, chunked_loss=False)
-    body = patching.decoder_body(model_obj)
+    api.patch(model_obj, chunked_loss=False)
+    body = introspection.decoder_body(model_obj)
     total_tokens = sum(int(v.numel()) for v in packed.values())
     done_tokens = 0
     results: Dict[str, ActivationStats] = {}
@@ -218,7 +218,7 @@ def identify_neurons(stats_paths: Sequence[str], out: str, *, top_rate: float = 
                      activation_bar_ratio: float = 0.95, format: str = "lape",
                      languages: Optional[Sequence[str]] = None, overwrite: bool = True):
     """Run LAPE identification and write the NeuronSet atomically. Returns the NeuronSet."""
-    from ..identify import identify
+    from ..neurons import identify
 
     if format not in ("lape", "reference"):
         raise ExperimentError(f"--format must be lape or reference, got {format!r}")

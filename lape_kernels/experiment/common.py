@@ -262,11 +262,11 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, cache_dir: O
 
     Errors (unknown model, unsupported family, missing tokenizer) become ``ExperimentError``.
     """
-    from ..data import models as data_models
-    from .. import patching
+    from .. import data
+    from .. import introspection
 
     try:
-        model, tokenizer = data_models.load_model(spec, dtype=dtype, device=device,
+        model, tokenizer = data.load_model(spec, dtype=dtype, device=device,
                                                   cache_dir=str(Path(cache_dir) / "models") if cache_dir else None)
     except ExperimentError:
         raise
@@ -275,9 +275,9 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, cache_dir: O
     if tokenizer is None:
         raise ExperimentError(f"model {spec!r} has no tokenizer")
     try:
-        patching.family_for(model)
-        patching.decoder_layers(model)
-    except patching.UnsupportedModelError as exc:
+        introspection.family_for(model)
+        introspection.decoder_layers(model)
+    except introspection.UnsupportedModelError as exc:
         raise ExperimentError(f"model {spec!r}: {exc}") from None
     model.eval()
     return model, tokenizer
@@ -296,9 +296,9 @@ def corpus_languages(spec: Optional[str]) -> List[str]:
     """Languages a corpus offers (built-in: those its sources ship; a directory: its
     ``<lang>/`` folders and ``<lang>.<ext>`` files)."""
     if is_builtin(spec):
-        from ..data import corpus as data_corpus
+        from ..data import available_languages
 
-        return list(data_corpus.available_languages())
+        return list(available_languages())
     if "{lang}" in str(spec):
         raise ExperimentError(f"corpus {spec!r} is a per-language template: name the languages")
     root = Path(spec).expanduser()
@@ -352,17 +352,17 @@ def load_corpus(spec: Optional[str], languages: Optional[Sequence[str]] = None,
         corpus_languages(spec)  # the directory must exist
     try:
         if is_builtin(spec):
-            from ..data import corpus as data_corpus
+            from ..data import available_languages, build_corpus
 
-            available = list(data_corpus.available_languages())
+            available = list(available_languages())
             unknown = [lang for lang in languages if lang not in available]
             if unknown:
                 raise ExperimentError(f"unknown language(s) {', '.join(unknown)} in the built-in corpus; "
                                       f"available: {', '.join(available)}")
             kwargs = {"cache_dir": str(Path(cache_dir) / "corpus")} if cache_dir else {}
-            corpus = dict(data_corpus.build_corpus(languages=languages, **kwargs))
+            corpus = dict(build_corpus(languages=languages, **kwargs))
         else:
-            from ..data.corpus import load_text_dataset
+            from ..data import load_text_dataset
 
             corpus = {}
             unknown = []
@@ -401,7 +401,7 @@ def parallel_pairs(spec: Optional[str], lang: str, other: str, n: int,
     ``parallel.jsonl`` (one JSON object per message, ``{language: text}``). Empty when none.
     """
     if is_builtin(spec):
-        from ..data.corpus import parallel_sentences
+        from ..data import parallel_sentences
 
         kwargs = {"cache_dir": str(Path(cache_dir) / "corpus")} if cache_dir else {}
         try:
@@ -438,7 +438,7 @@ def corpus_texts(corpus: Mapping[str, Any], lang: str, split: str) -> List[str]:
 def pack(tokenizer: Any, texts: Sequence[str], seq_len: int, max_tokens: Optional[int] = None,
          what: str = "text") -> torch.Tensor:
     """Texts -> LongTensor ``[N, seq_len]`` of packed token ids (no padding). Empty -> error."""
-    from ..data.packing import pack_tokens
+    from ..data import pack_tokens
 
     if seq_len < 2:
         raise ExperimentError(f"--seq-len must be >= 2, got {seq_len}")

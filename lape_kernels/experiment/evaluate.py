@@ -100,9 +100,9 @@ def _pooled_states(model: nn.Module, tokenizer: Any, sentences: Sequence[str], d
     """float32 ``[num_layers + 1, n, H]``: per layer, the mean hidden state over each sentence's
     real tokens (padding and special tokens such as BOS excluded: BOS is an attention sink whose
     huge state would make every sentence look alike)."""
-    from .. import patching
+    from .. import introspection
 
-    body = patching.decoder_body(model)
+    body = introspection.decoder_body(model)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -158,7 +158,7 @@ def load_run_info(run_dir: Path) -> Dict[str, Any]:
 def apply_run(model: nn.Module, run_dir: Path, info: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Merge a run's best checkpoint into ``model`` (in place for neurons and weights; LoRA is
     merged and unloaded). Returns the plain (unpatched) model."""
-    from .. import patching
+    from .. import api, patching
 
     info = info or load_run_info(run_dir)
     art = run_dir / info.get("artifact", "best")
@@ -166,7 +166,7 @@ def apply_run(model: nn.Module, run_dir: Path, info: Optional[Dict[str, Any]] = 
     if not art.exists():
         raise ExperimentError(f"--run {run_dir}: checkpoint {art} is missing")
     if patching.is_patched(model):
-        patching.unpatch(model)
+        api.unpatch(model)
     try:
         if fmt == "neurons":
             from ..training import load_neurons, merge
@@ -210,9 +210,9 @@ def update_norms(before: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[s
     """Per decoder layer, ``||W_after - W_before||_F / ||W_before||_F`` over the MLP weights
     (gate, up, down separately and together) and over the rest of the layer; plus every other
     changed parameter (embeddings, final norm). Only what changed is listed outside the MLP."""
-    from .. import patching
+    from .. import introspection
 
-    _, layers = patching.decoder_layers(model)
+    _, layers = introspection.decoder_layers(model)
     layer_prefix = {}
     for name, mod in model.named_modules():
         for i, layer in enumerate(layers):
@@ -296,11 +296,11 @@ class Evaluator:
 
     def _measure(self, tag: str) -> Dict[str, Any]:
         import sys
-        from .. import patching
+        from .. import api
 
         from ..training.loss import install_chunked_loss
 
-        patching.patch(self.model)  # fused MLP + chunked loss: the same forward for every state
+        api.patch(self.model)  # fused MLP + chunked loss: the same forward for every state
         install_chunked_loss(self.model, chunk_size=eval_loss_chunk(self.model))
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -311,7 +311,7 @@ class Evaluator:
                 align = (alignment(self.model, self.tokenizer, self.pairs[0], self.pairs[1], self.dev)
                          if self.pairs else None)
         finally:
-            patching.unpatch(self.model)
+            api.unpatch(self.model)
         if not self.quiet:
             print(f"  {tag}: {self.target} ppl {ppl[self.target]:.3f} ({now() - t0:.0f}s)", file=sys.stderr, flush=True)
         return {"ppl": ppl, "alignment": align, "seconds": now() - t0}

@@ -187,19 +187,19 @@ def trainable_named_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter
 
 
 def _mlp_module_names(model: nn.Module) -> List[str]:
-    from .. import patching
+    from .. import introspection
 
-    fam = patching.family_for(model)
+    fam = introspection.family_for(model)
     return ["gate_up_proj", "down_proj"] if fam.fused_gate_up else ["gate_proj", "up_proj", "down_proj"]
 
 
 def _model_intermediate_size(spec: str, cache_dir: Optional[str]) -> Optional[int]:
     """The MLP width from the model's config alone (no weights), or None when not at hand."""
-    from ..neurons import model_shape
+    from ..introspection import model_shape
 
     candidates = []
     try:
-        from ..data.models import model_cache_dir
+        from ..data import model_cache_dir
 
         candidates.append(model_cache_dir(spec, str(Path(cache_dir) / "models") if cache_dir else None))
     except ValueError:
@@ -284,7 +284,7 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
     Every method runs on the patched model (fused MLP kernel, chunked LM loss), so timing and
     memory compare methods, not implementations.
     """
-    from .. import patching
+    from .. import api, patching
     from ..neurons import NeuronSet
 
     info: Dict[str, Any] = {}
@@ -303,7 +303,7 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
                                notes=[f"{cfg.method} set for {cfg.language} (seed {cfg.seed})"
                                       if cfg.method == "random" else f"LAPE neurons of {cfg.language}"])
         try:
-            patching.patch(model, neurons=per_layer, recompute=cfg.recompute)
+            api.patch(model, neurons=per_layer, recompute=cfg.recompute)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ExperimentError(f"--neurons {cfg.neurons} does not fit the model: {one_line(exc)}") from None
         info["neuron_count"] = total
@@ -311,16 +311,16 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
         info["neuron_set_digest"] = _per_layer_digest(per_layer)
         info["source_neuron_set_digest"] = _per_layer_digest(ns[cfg.language])
     elif cfg.method == "ffn":
-        patching.patch(model)
+        api.patch(model)
         for mlp in patching.patched_mlps(model):
             for p in mlp.parameters():
                 p.requires_grad_(True)
     elif cfg.method == "full":
-        patching.patch(model)
+        api.patch(model)
         for p in model.parameters():
             p.requires_grad_(True)
     elif cfg.method == "lora":
-        patching.patch(model)
+        api.patch(model)
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as exc:  # pragma: no cover - peft is a requirement

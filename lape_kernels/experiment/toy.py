@@ -42,7 +42,7 @@ def make_toy_setup(root: str, family: str = "llama", lines: int = 300, seed: int
     """Write ``root/model`` (tiny ``family`` model + char tokenizer), ``root/corpus``
     (``<lang>.txt`` per language, ``parallel.jsonl``) and ``root/demo.json``. Returns
     (model_dir, corpus_dir)."""
-    from ..data.models import tiny_model, tiny_tokenizer
+    from ..data import tiny_model, tiny_tokenizer
 
     root_p = Path(root)
     alphabets = alphabets or TOY_ALPHABETS

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .. import patching
-from .sparse_mlp import INDEX_NAME, PARAM_NAMES, has_trainable_neurons
+from .loss import install_chunked_loss
+from .sparse_mlp import INDEX_NAME, PARAM_NAMES, has_trainable_neurons, set_trainable_neurons
 
 __all__ = ["save_neurons", "load_neurons", "merge", "NeuronFileError", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
 
@@ -126,7 +127,8 @@ def load_neurons(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if config["model_type"] != model_type:
         raise NeuronFileError(f"{path}: neurons were trained on model_type {config['model_type']!r}, model is {model_type!r}")
     was_patched = patching.is_patched(model)
-    patching.patch(model)
+    patching.patch_mlps(model)
+    install_chunked_loss(model)
     try:
         _install(model, path, config, tensors)
     except BaseException:
@@ -171,8 +173,6 @@ def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict
             raise NeuronFileError(f"{path}: layers.{li}.index must be sorted unique indices in [0, {I})")
         indices.append(idx)
         values.append(tuple(tensors[f"layers.{li}.{key}"] for key in ("gate_rows", "up_rows", "down_cols")))
-    from .sparse_mlp import set_trainable_neurons
-
     set_trainable_neurons(model, indices)
     model._lape_sparse["language"] = config.get("language")
     with torch.no_grad():

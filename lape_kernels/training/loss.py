@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..patching import add_cleanup
+
+_CLEANUP = "chunked_loss"
+
 __all__ = [
     "install_chunked_loss",
     "uninstall_chunked_loss",
@@ -279,6 +283,7 @@ def install_chunked_loss(model: nn.Module, chunk_size: Optional[int] = None) -> 
 
     forward._lape_chunked = True
     model.forward = types.MethodType(forward, model)
+    add_cleanup(model, _CLEANUP, uninstall_chunked_loss)
     return model
 
 
@@ -287,4 +292,5 @@ def uninstall_chunked_loss(model: nn.Module) -> nn.Module:
     if has_chunked_loss(model):
         del model.forward
     model.__dict__.pop("_lape_loss_chunk_size", None)
+    model.__dict__.get("_lape_cleanups", {}).pop(_CLEANUP, None)
     return model

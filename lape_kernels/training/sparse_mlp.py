@@ -10,7 +10,6 @@ clones the full weight each step and gets a dense gradient). See docs/ARCHITECTU
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import patching
+from ..introspection import decoder_layers
+
+_CLEANUP = "sparse_neurons"
 
 __all__ = [
     "SparseState",
@@ -36,35 +38,28 @@ __all__ = [
 PARAM_NAMES = ("lape_gate_rows", "lape_up_rows", "lape_down_cols")
 INDEX_NAME = "lape_neuron_index"
 
-# The module whose act_mul_split / act_mul_backward_split we call: the compiled ops. The plain
-# PyTorch oracle (lape_kernels.reference) has the same names and signatures; tests may flip this
-# to compare both.
-_OPS_MODULE = "lape_kernels.ops"
-
-
-_LOADED: Dict[str, Any] = {}
+try:  # loaded up front so that a torch.compile'd region never has to import it
+    from ..kernels import ops as _kernel_ops
+except (ImportError, OSError):  # the extension is not built: the error surfaces at the first forward
+    _kernel_ops = None
 
 
 def _ops():
-    mod = _LOADED.get(_OPS_MODULE)
-    if mod is None:
-        mod = _LOADED[_OPS_MODULE] = importlib.import_module(_OPS_MODULE)
-    return mod
+    if _kernel_ops is None:
+        from ..kernels import ops  # raises the extension's clear ImportError
 
-
-try:  # loaded up front so that a torch.compile'd region never has to import it
-    _ops()
-except (ImportError, OSError):  # the extension is not built: the error surfaces at the first forward
-    pass
+        return ops
+    return _kernel_ops
 
 
 @dataclass
 class SparseState:
-    """``mlp._lape.sparse``: what the sparse forward of one MLP needs beyond its parameters."""
+    """``mlp._lape.sparse``: the patched forward's override for an MLP with trainable neurons."""
 
-    layer_index: int
-    k: int
     recompute: str = "none"
+
+    def forward(self, mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+        return sparse_mlp_forward(mlp, x2)
 
 
 #: What the sparse MLP may recompute in backward instead of keeping from the forward:
@@ -188,12 +183,8 @@ def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
 
 
 def _model_shape(model: nn.Module):
-    _, layers = patching.decoder_layers(model)
-    cfg = patching.text_config(model)
-    mlp = layers[0].mlp
-    wg, _, _ = patching.weights(mlp) if getattr(mlp, "_lape", None) is not None else (None, None, None)
-    intermediate = wg.shape[0] if wg is not None else int(cfg.intermediate_size)
-    return len(layers), intermediate
+    mlps = patching.patched_mlps(model)
+    return len(mlps), patching.weights(mlps[0])[0].shape[0]
 
 
 def _resolve(model: nn.Module, neurons: Any, language: Optional[str], num_layers: int) -> List[Any]:
@@ -273,11 +264,8 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    counts = []
     for mlp, sel in zip(patching.patched_mlps(model), indices):
-        k = int(sel.numel())
-        counts.append(k)
-        if k == 0:
+        if sel.numel() == 0:
             continue
         wg, wu, wd = patching.weights(mlp)
         sel = sel.to(wg.device)
@@ -286,8 +274,9 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
             mlp.register_parameter(PARAM_NAMES[1], nn.Parameter(wu.index_select(0, sel).clone()))
             mlp.register_parameter(PARAM_NAMES[2], nn.Parameter(wd.index_select(1, sel).contiguous()))
         mlp.register_buffer(INDEX_NAME, sel, persistent=True)
-        mlp._lape.sparse = SparseState(layer_index=mlp._lape.layer_index, k=k, recompute=recompute)
-    model._lape_sparse = {"requires_grad": flags, "language": language, "counts": counts}
+        mlp._lape.sparse = SparseState(recompute=recompute)
+    model._lape_sparse = {"requires_grad": flags, "language": language}
+    patching.add_cleanup(model, _CLEANUP, clear_trainable_neurons)
     return model
 
 
@@ -311,7 +300,8 @@ def clear_trainable_neurons(model: nn.Module) -> nn.Module:
     info = getattr(model, "_lape_sparse", None)
     if info is None:
         return model
-    _, layers = patching.decoder_layers(model)
+    model.__dict__.get("_lape_cleanups", {}).pop(_CLEANUP, None)
+    _, layers = decoder_layers(model)
     for layer in layers:
         mlp = layer.mlp
         for name in PARAM_NAMES:

@@ -14,7 +14,7 @@ import torch
 from lape_kernels.cli import main
 from lape_kernels.experiment.toy import make_toy_setup
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LANGS = ["aa", "bb", "cc", "en"]
 SMALL = ["--seq-len", "64"]
 
@@ -85,7 +85,7 @@ def test_collect_writes_stats_per_language(pipeline):
 
 def test_collect_matches_direct_record(toy, pipeline):
     """The CLI's counts equal a direct `record` over the same packed rows (decoder body only)."""
-    from lape_kernels import patching
+    from lape_kernels import introspection, patching
     from lape_kernels.data.packing import pack_tokens
     from lape_kernels.experiment.common import corpus_texts, load_corpus, load_model
     from lape_kernels.stats import StatsByLanguage, record
@@ -94,7 +94,7 @@ def test_collect_matches_direct_record(toy, pipeline):
     corpus = load_corpus(toy["corpus"], ["bb"])
     ids = pack_tokens(tok, corpus_texts(corpus, "bb", "train"), 64, add_bos=True, max_tokens=2048)
     with torch.no_grad(), record(model) as s:
-        patching.decoder_body(model)(input_ids=ids)
+        introspection.decoder_body(model)(input_ids=ids)
     got = StatsByLanguage.load(pipeline["stats"])["bb"]
     assert got.n_tokens == s.n_tokens
     assert torch.equal(got.over_zero, s.over_zero)

@@ -18,7 +18,7 @@ from lape_kernels.experiment.finetune import batch_indices
 from lape_kernels.experiment.report import PLOTS, claims
 from lape_kernels.experiment.toy import make_toy_setup
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- demo end to end

@@ -1,6 +1,6 @@
 """Language-neuron sets: per-language, per-layer sorted int64 indices into the MLP
-intermediate dimension, with metadata, set operations, random baselines, save/load
-(the LAPE reference format and our safetensors + JSON format) and `deactivate`.
+intermediate dimension, with metadata, set operations, random baselines and save/load
+(the LAPE reference format and our safetensors + JSON format).
 
 Why a class rather than the reference's bare ``list[lang][layer]``: the bare list carries no
 language names, no shape and no provenance, so a mask made for one model silently indexes
@@ -9,23 +9,16 @@ and checks indices on construction (integer, 1-D, in range, unique; sorted ascen
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import pickle
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = [
-    "NeuronSet",
-    "NeuronSetFormatError",
-    "deactivate",
-    "per_layer_table",
-    "plot_heatmap",
-    "model_shape",
-]
+from ..introspection import model_shape
+
+__all__ = ["NeuronSet", "NeuronSetFormatError", "PerLayer"]
 
 FORMAT_NAME = "lape_kernels.neuron_set"
 FORMAT_VERSION = 1
@@ -55,29 +48,6 @@ def _as_index_tensor(values: Any, where: str) -> torch.Tensor:
     if t.dim() != 1:
         raise ValueError(f"{where}: indices must be 1-D, got shape {tuple(t.shape)}")
     return t.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
-
-
-def model_shape(model_or_config: Any) -> Tuple[int, int]:
-    """(num_hidden_layers, intermediate_size) of a HF model or config.
-
-    Multimodal configs (Gemma 3) keep the decoder's numbers in ``text_config``;
-    ``get_text_config()`` returns it (or the config itself for text-only models).
-    """
-    config = getattr(model_or_config, "config", model_or_config)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    elif getattr(config, "text_config", None) is not None:
-        config = config.text_config
-    try:
-        num_layers = int(config.num_hidden_layers)
-        inter = config.intermediate_size
-    except AttributeError as exc:
-        raise TypeError(f"cannot read num_hidden_layers / intermediate_size from {type(config).__name__}") from exc
-    if isinstance(inter, (list, tuple)):  # some configs list a per-layer size
-        if len(set(inter)) != 1:
-            raise ValueError(f"per-layer intermediate sizes differ ({sorted(set(inter))}); not supported")
-        inter = inter[0]
-    return num_layers, int(inter)
 
 
 class NeuronSet:
@@ -510,105 +480,3 @@ def _pair_paths(path: Path, for_writing: bool) -> Tuple[Path, Path]:
     elif not (path / _JSON_NAME).exists():
         raise NeuronSetFormatError(f"{path}: directory has no {_JSON_NAME}")
     return path / _TENSORS_NAME, path / _JSON_NAME
-
-
-# ------------------------------------------------------------------ deactivate
-def _resolve_neurons(neurons: Any) -> Tuple[PerLayer, Optional[NeuronSet]]:
-    if isinstance(neurons, tuple) and len(neurons) == 2 and isinstance(neurons[0], NeuronSet):
-        ns, lang = neurons
-        return ns.select(lang), ns
-    if isinstance(neurons, NeuronSet):
-        raise TypeError("pass (NeuronSet, language), not a bare NeuronSet: which language to deactivate?")
-    if isinstance(neurons, (torch.Tensor, str)) or not isinstance(neurons, Sequence):
-        raise TypeError(f"neurons must be a per-layer list of index tensors or (NeuronSet, language), "
-                        f"got {type(neurons).__name__}")
-    return [_as_index_tensor(t, f"neurons[layer {li}]") for li, t in enumerate(neurons)], None
-
-
-@contextlib.contextmanager
-def deactivate(model: torch.nn.Module, neurons: Any):
-    """Zero the given neurons' ``act(gate) * up`` in every MLP for the duration of the block.
-
-    ``neurons``: a per-layer list of index tensors (one per decoder layer) or
-    ``(NeuronSet, language)``. Sets ``mlp._lape.deactivated`` on each patched MLP and restores
-    the previous value on exit, also on an exception. Inside another ``deactivate`` block the
-    neurons add to those already deactivated. An unpatched model is patched for the duration
-    and unpatched afterwards.
-    """
-    from lape_kernels import patching
-
-    per_layer, ns = _resolve_neurons(neurons)
-    was_patched = patching.is_patched(model)
-    if not was_patched:
-        patching.patch(model, chunked_loss=False)
-    try:
-        mlps = patching.patched_mlps(model)
-        if len(per_layer) != len(mlps):
-            raise ValueError(f"neurons cover {len(per_layer)} layers, the model has {len(mlps)} MLPs")
-        new = []
-        for li, (mlp, idx) in enumerate(zip(mlps, per_layer)):
-            inter = patching.weights(mlp)[0].shape[0]
-            if ns is not None and ns.intermediate_size not in (None, inter):
-                raise ValueError(f"neuron set was made for intermediate_size {ns.intermediate_size}, "
-                                 f"layer {li} of the model has {inter}")
-            idx = torch.unique(idx, sorted=True) if idx.numel() else idx
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= inter):
-                raise ValueError(f"layer {li}: index out of range [0, {inter}): "
-                                 f"{int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])}")
-            prev = mlp._lape.deactivated
-            if prev is not None and prev.numel():
-                idx = torch.unique(torch.cat([prev.detach().cpu().long(), idx]), sorted=True)
-            device = patching.weights(mlp)[0].device
-            new.append(idx.to(device) if idx.numel() else prev)
-        saved = [mlp._lape.deactivated for mlp in mlps]
-        try:
-            for mlp, idx in zip(mlps, new):
-                mlp._lape.deactivated = idx
-            yield model
-        finally:
-            for mlp, prev in zip(mlps, saved):
-                mlp._lape.deactivated = prev
-    finally:
-        if not was_patched:
-            patching.unpatch(model)
-
-
-# ------------------------------------------------------------------ reporting
-def per_layer_table(ns: NeuronSet) -> str:
-    """Markdown table: one row per layer, one column per language, neuron counts; a total row."""
-    langs = ns.languages
-    counts = [ns.layer_counts(lang) for lang in langs]
-    lines = ["| layer | " + " | ".join(langs) + " |", "| ---: | " + " | ".join("---:" for _ in langs) + " |"]
-    for li in range(ns.num_layers):
-        lines.append(f"| {li} | " + " | ".join(str(c[li]) for c in counts) + " |")
-    lines.append("| total | " + " | ".join(str(sum(c)) for c in counts) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_heatmap(ns: NeuronSet, path: Union[str, Path], title: Optional[str] = None) -> Path:
-    """Heat map of neurons per layer (rows) x language (columns), written to ``path``.
-
-    Uses the Agg canvas directly, so it changes no global matplotlib backend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    langs = ns.languages
-    data = torch.tensor([ns.layer_counts(lang) for lang in langs], dtype=torch.int64).T.numpy()
-    fig = Figure(figsize=(max(4.0, 0.6 * len(langs) + 2.0), max(3.0, 0.22 * ns.num_layers + 1.5)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(langs)))
-    ax.set_xticklabels(langs, rotation=45 if len(langs) > 8 else 0)
-    ax.set_xlabel("language")
-    ax.set_ylabel("layer")
-    step = max(1, math.ceil(ns.num_layers / 16))
-    ax.set_yticks(range(0, ns.num_layers, step))
-    ax.set_title(title or (f"language neurons per layer{f' ({ns.model_id})' if ns.model_id else ''}"))
-    fig.colorbar(im, ax=ax, label="neurons")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path

@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lape_kernels import reference as ref  # noqa: E402
-from lape_kernels import triton_kernels as tk  # noqa: E402
+from lape_kernels.kernels import reference as ref  # noqa: E402
+from lape_kernels.kernels import triton_elementwise as tk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = ("silu", "gelu_tanh", "gelu")
@@ -253,7 +253,7 @@ import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lape_kernels import triton_kernels as tk
+from lape_kernels.kernels import triton_elementwise as tk
 
 PTR = {"gate_ptr": "T", "up_ptr": "T", "out_ptr": "T", "sel_out_ptr": "T", "slot_ptr": "i32",
        "lang_ptr": "i64", "oz_ptr": "i64", "sum_ptr": "fp64", "go_ptr": "T", "gos_ptr": "T",
@@ -298,7 +298,7 @@ def test_kernels_compile_for_hopper_and_ampere():
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
@@ -315,7 +315,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture
 def triton_backend():
     """torch.ops.lape_kernels.* on the Triton kernels; restores the previous backend."""
-    ops = pytest.importorskip("lape_kernels.ops")
+    ops = pytest.importorskip("lape_kernels.kernels.ops")
     previous = ops.current_cuda_backend()
     assert ops.use_cuda_backend("triton") == "triton"
     yield torch.ops.lape_kernels

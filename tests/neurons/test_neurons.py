@@ -13,9 +13,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lape_kernels.neurons import NeuronSet, NeuronSetFormatError, model_shape, per_layer_table, plot_heatmap
+from lape_kernels.introspection import model_shape
+from lape_kernels.neurons import NeuronSet, NeuronSetFormatError, per_layer_table, plot_heatmap
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MASKS = SHARED / "data" / "released-masks"
 LANGS = ["mt", "af", "is", "cy", "mk", "lv", "lt", "sl", "sk", "et", "ka", "ne"]
 # from shared/data/released-masks/README.md (also cross-checked against the README below)
@@ -449,6 +450,7 @@ def _zeroing_hooks(model, per_layer):
 
 
 def test_deactivate():
+    import lape_kernels
     from lape_kernels import patching
     from lape_kernels.neurons import deactivate
 
@@ -472,7 +474,7 @@ def test_deactivate():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
 
-        patching.patch(model)
+        lape_kernels.patch(model)
         with deactivate(model, ns.select("x")):
             torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
             with deactivate(model, (ns, "y")):  # nested: adds to the outer set
@@ -487,7 +489,7 @@ def test_deactivate():
             with deactivate(model, (ns, "x")):
                 raise RuntimeError("boom")
         assert all(m._lape.deactivated is None for m in patching.patched_mlps(model))
-        patching.unpatch(model)
+        lape_kernels.unpatch(model)
 
     with pytest.raises(ValueError, match="cover 2 layers, the model has 3"):
         with deactivate(model, [torch.tensor([1]), torch.tensor([2])]):

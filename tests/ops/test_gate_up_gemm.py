@@ -14,7 +14,7 @@ How results are compared (error model):
   E = 2 gamma_H (|x| @ |w|^T) (`gemm_bound`).
 - out: |Δ| <= 1.2 |up| E_g + |act(gate)| E_u + E_g E_u (act is 1.2-Lipschitz for all three
   activations) + COND (1 + |gate|) |up| (kernel vs reference activation ulps, as in
-  tests/kernel_tolerance.py) + one rounding of the output dtype (two for bf16 under the
+  tests/ops/kernel_tolerance.py) + one rounding of the output dtype (two for bf16 under the
   interpreter, whose bf16 store truncates).
 - act_sum: the per-row bound 1.2 E_g + COND (1 + |gate|) summed over the language's rows.
 - over_zero, two honest regimes:
@@ -43,16 +43,16 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lape_kernels import ops  # noqa: E402
-from lape_kernels import reference as ref  # noqa: E402
-from lape_kernels import triton_gemm as tg  # noqa: E402
+from lape_kernels.kernels import ops  # noqa: E402
+from lape_kernels.kernels import reference as ref  # noqa: E402
+from lape_kernels.kernels import triton_gemm as tg  # noqa: E402
 from kernel_tolerance import COND  # noqa: E402
 
 ACTS = ref.ACTIVATIONS
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OP = torch.ops.lape_kernels.gate_up_act_mul_count
 
 
@@ -500,7 +500,7 @@ COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lape_kernels import triton_gemm as tg
+from lape_kernels.kernels import triton_gemm as tg
 
 fn = tg._gemm_count_kernel
 PTR = {"x_ptr": "T", "wg_ptr": "T", "wu_ptr": "T", "out_ptr": "T", "lang_ptr": "i64", "oz_ptr": "i64", "sum_ptr": "fp64"}

@@ -20,9 +20,9 @@ import subprocess
 import pytest
 import torch
 
-from lape_kernels import reference as ref
+from lape_kernels.kernels import reference as ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 ACTS = ("silu", "gelu_tanh", "gelu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -353,7 +353,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture
 def cuda_backend():
     """torch.ops.lape_kernels.* on the CUDA C++ kernels; restores the previous backend."""
-    ops = pytest.importorskip("lape_kernels.ops")
+    ops = pytest.importorskip("lape_kernels.kernels.ops")
     if not ops._HAS_CUDA_CPP:
         pytest.skip("the CUDA C++ kernels are not compiled in")
     previous = ops.current_cuda_backend()
@@ -467,7 +467,7 @@ def _check_errors(ops, gate, up):
 @cuda_only
 def test_cuda_and_triton_backends_agree_and_switch(cuda_backend):
     """use_cuda_backend switches the kernels behind torch.ops; both give the reference's counts."""
-    from lape_kernels import ops as lk_ops
+    from lape_kernels.kernels import ops as lk_ops
 
     T, I = 300, 1000
     gate, up = gate_up_halves(T, I, torch.bfloat16, device="cuda")

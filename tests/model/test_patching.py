@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import lape_kernels
-from lape_kernels import patching
-from lape_kernels.patching import UnsupportedModelError, patch, unpatch
+from lape_kernels import introspection, patching
+from lape_kernels import UnsupportedModelError, patch, unpatch
 
 from helpers import FAMILIES, random_batch, tiny_gemma3_multimodal, tiny_model
 
@@ -195,7 +195,7 @@ def test_multimodal_gemma3_patches_the_language_model():
     ids, mask = random_batch(batch=2, seq=8, seed=8, padding="left")
     expected = _logits(model, ids, mask)
     patch(model)
-    assert patching.decoder_body(model) is model.model.language_model
+    assert introspection.decoder_body(model) is model.model.language_model
     assert all("_lape" in layer.mlp.__dict__ for layer in model.model.language_model.layers)
     vision_mlps = [m for n, m in model.model.vision_tower.named_modules() if n.endswith(".mlp")]
     assert vision_mlps and not any(hasattr(m, "_lape") for m in vision_mlps)

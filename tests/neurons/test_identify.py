@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lape_kernels.identify import identify, lape_probabilities
+from lape_kernels.neurons import identify, lape_probabilities
 
 
 def oracle(ns, over_zeros, top_rate, filter_rate, activation_bar_ratio):

@@ -235,7 +235,7 @@ def test_examples_run(script, extra, tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "examples" / script), "--steps", "3", "--family", "phi3",
                            "--out", str(tmp_path), *extra], capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]

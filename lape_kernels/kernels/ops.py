@@ -22,7 +22,7 @@ from torch import Tensor
 from . import reference as _ref
 
 try:
-    from . import _C  # noqa: F401 - defines the op schemas and loads the CPU kernels
+    from .. import _C  # noqa: F401 - defines the op schemas and loads the CPU kernels
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         f"lape_kernels: the compiled extension lape_kernels._C could not be loaded ({exc}). "
@@ -46,11 +46,11 @@ __all__ = [
 _ops = torch.ops.lape_kernels
 # Every op and the module (under lape_kernels) holding its Triton kernel.
 _TRITON_MODULES = {
-    "act_mul": "triton_kernels",
-    "act_mul_count": "triton_kernels",
-    "act_mul_backward": "triton_kernels",
-    "act_mul_split": "triton_kernels",
-    "act_mul_backward_split": "triton_kernels",
+    "act_mul": "triton_elementwise",
+    "act_mul_count": "triton_elementwise",
+    "act_mul_backward": "triton_elementwise",
+    "act_mul_split": "triton_elementwise",
+    "act_mul_backward_split": "triton_elementwise",
     "gate_up_act_mul_count": "triton_gemm",
 }
 _OP_NAMES = tuple(_TRITON_MODULES)

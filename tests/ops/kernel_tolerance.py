@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lape_kernels import reference as ref
+from lape_kernels.kernels import reference as ref
 
 # Error model. Results are rounded once to the dtype: (rtol, atol) per dtype. On top of that,
 # act and act' are ill-conditioned in fp32 where 1 + tanh/erf or 1 - sigmoid cancel (gelu* for

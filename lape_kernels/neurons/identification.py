@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from .neurons import NeuronSet
+from .neuron_set import NeuronSet
 
 __all__ = ["identify", "lape_probabilities"]
 

@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lape_kernels import patching
+import lape_kernels
+from lape_kernels import introspection, patching
 from lape_kernels.stats import ActivationStats, StatsByLanguage, record
 
 from helpers import FAMILIES, hook_counts, random_batch, tiny_model
@@ -82,7 +83,7 @@ def test_positional_mask_on_decoder_body():
     model = tiny_model("llama")
     ids, mask = random_batch(batch=3, seq=10, seed=4, padding="right")
     ref = hook_counts(model, ids, mask)
-    body = patching.decoder_body(model)
+    body = introspection.decoder_body(model)
     with torch.no_grad(), record(model) as stats:
         body(ids, mask)  # attention_mask as positional argument 1
     _assert_matches(stats, ref)
@@ -236,18 +237,18 @@ def test_inference_mode_and_live_reading():
 
 
 def test_recording_a_patched_model_leaves_it_patched_and_cleans_up_on_error():
-    model = patching.patch(tiny_model("llama"))
+    model = lape_kernels.patch(tiny_model("llama"))
     ids, mask = random_batch(seed=13)
     with pytest.raises(KeyboardInterrupt):
         with record(model):
             raise KeyboardInterrupt
     assert patching.is_patched(model)
     assert all(m._lape.recorder is None for m in patching.patched_mlps(model))
-    body = patching.decoder_body(model)
+    body = introspection.decoder_body(model)
     assert not body._forward_pre_hooks and not body._forward_hooks
     a = _record(model, ids, mask)
     assert patching.is_patched(model)
-    patching.unpatch(model)
+    lape_kernels.unpatch(model)
     assert a.equal(_record(model, ids, mask))
 
 
@@ -453,7 +454,7 @@ def test_nested_record_and_mlp_outside_body():
 @pytest.mark.slow
 def test_torch_compile_with_record():
     """record works under torch.compile(model) (inductor: slow to compile on CPU)."""
-    model = patching.patch(tiny_model("llama"), chunked_loss=False)
+    model = lape_kernels.patch(tiny_model("llama"), chunked_loss=False)
     ids, mask = random_batch(batch=3, seq=10, seed=17, padding="left")
     ref = hook_counts(model, ids, mask)
     compiled = torch.compile(model)
@@ -461,13 +462,13 @@ def test_torch_compile_with_record():
         a = compiled(input_ids=ids, attention_mask=mask).logits
         compiled(input_ids=ids, attention_mask=mask)
     assert torch.equal(stats.over_zero, 2 * ref["over_zero"][0]) and stats.n_tokens == 2 * int(mask.sum())
-    patching.unpatch(model)
+    lape_kernels.unpatch(model)
     torch.testing.assert_close(a, model(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_torch_compile_aot_eager_with_record():
     """Dynamo tracing of the patched forward + recorder (fake-tensor kernels, no codegen)."""
-    model = patching.patch(tiny_model("qwen2", num_layers=2), chunked_loss=False)
+    model = lape_kernels.patch(tiny_model("qwen2", num_layers=2), chunked_loss=False)
     ids, mask = random_batch(batch=2, seq=6, seed=18, padding="right")
     ref = hook_counts(model, ids, mask)
     compiled = torch.compile(model, backend="aot_eager")
@@ -484,7 +485,7 @@ def test_multimodal_gemma3_uses_the_outer_2d_mask():
     model = tiny_gemma3_multimodal()
     ids, mask = random_batch(batch=3, seq=10, seed=19, padding="left")
     layers = model.model.language_model.layers
-    assert patching.decoder_body(model) is model.model.language_model
+    assert introspection.decoder_body(model) is model.model.language_model
     counts = []
     handles = [l.mlp.act_fn.register_forward_hook(
         lambda mod, i, o: counts.append(((o.float() > 0) & mask.bool()[..., None]).sum((0, 1)))) for l in layers]
@@ -502,7 +503,7 @@ def test_multimodal_gemma3_uses_the_outer_2d_mask():
 
 
 def _calls_of_fused_op(monkeypatch):
-    from lape_kernels import ops
+    from lape_kernels.kernels import ops
 
     calls = []
     real = ops.gate_up_act_mul_count

@@ -21,13 +21,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lape_kernels import ops
-from lape_kernels import reference as ref
+from lape_kernels.kernels import ops
+from lape_kernels.kernels import reference as ref
 
 ACTS = ref.ACTIVATIONS
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HSET = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---------------------------------------------------------------------------------- helpers --
@@ -515,7 +515,7 @@ def test_bad_arguments_raise_under_fake_tensors(name):
 _VARIANT_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from lape_kernels import ops, reference as ref
+    from lape_kernels.kernels import ops, reference as ref
     assert ops.cpu_kernels == sys.argv[1], ops.cpu_kernels
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -562,7 +562,7 @@ def test_every_cpu_build_matches_reference(isa):
 def test_import_does_not_import_triton_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("with CUDA the Triton kernels may be registered at import")
-    code = "import sys, lape_kernels.ops as o; print('triton' in sys.modules, o.current_cuda_backend())"
+    code = "import sys, lape_kernels.kernels.ops as o; print('triton' in sys.modules, o.current_cuda_backend())"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     expected = "cuda" if ops._HAS_CUDA_CPP else "triton"
@@ -570,7 +570,7 @@ def test_import_does_not_import_triton_without_cuda():
 
 
 def test_bad_backend_env_var_warns():
-    code = "import warnings, lape_kernels.ops as o"
+    code = "import warnings, lape_kernels.kernels.ops as o"
     env = dict(os.environ, LAPE_KERNELS_CUDA_BACKEND="opencl")
     res = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -5,7 +5,7 @@
 ``out = act(gate) * up`` (x.dtype) plus the LAPE counts ``over_zero`` (int64 [L, I]) and
 ``act_sum`` (float64 [L, I]) exactly as ``act_mul_count`` defines them (docs/ARCHITECTURE.md).
 ``lape_kernels.ops`` registers it for the CUDA dispatch key next to the kernels of
-``triton_kernels.py`` (whose activation code it reuses, so the two backends agree bit for bit
+``triton_elementwise.py`` (whose activation code it reuses, so the two backends agree bit for bit
 on act(g) for the same g).
 
 Design:
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import reference as _ref
 # The activation (and its id mapping) of the other Triton kernels: the same act(g) bits.
-from .triton_kernels import _ACT_ID, _act
+from .triton_elementwise import _ACT_ID, _act
 
 __all__ = ["gate_up_act_mul_count"]
 

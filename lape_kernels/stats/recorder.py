@@ -1,355 +1,24 @@
-"""LAPE activation statistics: what ``record`` collects and ``identify`` consumes.
+"""``record``: collect LAPE statistics from the patched MLP forward of a model.
 
-Per layer and neuron we keep ``over_zero`` (how many tokens had act(gate) > 0, exact int64)
-and ``act_sum`` (sum of act(gate), float64), plus the token count ``n_tokens``: the same numbers
-the LAPE reference gathers with forward hooks, but produced inside the fused MLP kernel
-(``act_mul_count``) of the patched model, per language, with padding excluded from the
-attention mask. Files are safetensors + JSON metadata (never pickle).
+The recorder is the patched forward's :class:`lape_kernels.patching.Recorder`: every patched MLP
+hands it ``act_mul_count``'s per-language counts; a pre-hook on the decoder body tells it which
+language each token belongs to (padding from the 2-D attention mask is never counted).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
-import re
-from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import patching
+from .. import patching
+from ..introspection import decoder_body, text_config
+from ..languages import check_languages
+from .values import ActivationStats, StatsByLanguage
 
-__all__ = ["ActivationStats", "StatsByLanguage", "record"]
-
-_STATS_FORMAT = "lape_kernels.ActivationStats"
-_SET_FORMAT = "lape_kernels.StatsByLanguage"
-_VERSION = 1
-_INDEX = "index.json"
-
-PathLike = Union[str, os.PathLike]
-
-
-def _as_count_tensor(x: Any, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [num_layers, intermediate_size], got shape {tuple(x.shape)}")
-    return x
-
-
-def _as_int(n: Any, name: str) -> int:
-    if isinstance(n, torch.Tensor):
-        if n.numel() != 1 or n.dtype.is_floating_point or n.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer (or a 1-element integer tensor), got {n.dtype} {tuple(n.shape)}")
-        n = int(n.item())
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"{name} must be >= 0, got {n}")
-    return n
-
-
-class ActivationStats:
-    """LAPE statistics of one language (or one shard of it).
-
-    ``over_zero`` int64 [L, I]: tokens with act(gate) > 0; ``act_sum`` float64 [L, I] (None when
-    unknown, e.g. built from the LAPE reference's dict); ``n_tokens``: tokens seen (each counted
-    once, not once per layer); ``meta``: JSON-serialisable facts (model, language, dtype, ...).
-
-    While ``record`` is running the object reads the live (device) accumulators on access.
-    """
-
-    def __init__(
-        self,
-        over_zero: torch.Tensor,
-        act_sum: Optional[torch.Tensor],
-        n_tokens: int,
-        meta: Optional[Dict[str, Any]] = None,
-    ) -> None:
-        over_zero = _as_count_tensor(over_zero, "over_zero")
-        if over_zero.dtype.is_floating_point or over_zero.dtype.is_complex or over_zero.dtype == torch.bool:
-            raise TypeError(f"over_zero must be an integer tensor (counts), got {over_zero.dtype}")
-        over_zero = over_zero.to(torch.int64)
-        if act_sum is not None:
-            act_sum = _as_count_tensor(act_sum, "act_sum")
-            if not act_sum.dtype.is_floating_point:
-                raise TypeError(f"act_sum must be a floating-point tensor, got {act_sum.dtype}")
-            if act_sum.shape != over_zero.shape:
-                raise ValueError(
-                    f"act_sum shape {tuple(act_sum.shape)} does not match over_zero shape {tuple(over_zero.shape)}"
-                )
-            act_sum = act_sum.to(torch.float64)
-        n_tokens = _as_int(n_tokens, "n_tokens")
-        if over_zero.numel():
-            lo, hi = int(over_zero.min()), int(over_zero.max())
-            if lo < 0 or hi > n_tokens:
-                raise ValueError(
-                    f"over_zero values must lie in [0, n_tokens={n_tokens}], got [{lo}, {hi}] "
-                    "(counts and token total from different runs?)"
-                )
-        if meta is None:
-            meta = {}
-        if not isinstance(meta, dict):
-            raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-        self._over_zero = over_zero
-        self._act_sum = act_sum
-        self._n_tokens = n_tokens
-        self.meta = dict(meta)
-        self._live: Optional[Tuple["_Recorder", int]] = None
-
-    # -- live view while recording ---------------------------------------------------------
-    def _sync(self) -> None:
-        if self._live is not None:
-            recorder, k = self._live
-            self._over_zero, self._act_sum, self._n_tokens = recorder.snapshot(k)
-
-    @property
-    def over_zero(self) -> torch.Tensor:
-        self._sync()
-        return self._over_zero
-
-    @property
-    def act_sum(self) -> Optional[torch.Tensor]:
-        self._sync()
-        return self._act_sum
-
-    @property
-    def n_tokens(self) -> int:
-        self._sync()
-        return self._n_tokens
-
-    @property
-    def num_layers(self) -> int:
-        return self._over_zero.shape[0]
-
-    @property
-    def intermediate_size(self) -> int:
-        return self._over_zero.shape[1]
-
-    @property
-    def shape(self) -> Tuple[int, int]:
-        return (self.num_layers, self.intermediate_size)
-
-    def __repr__(self) -> str:
-        lang = self.meta.get("language")
-        return (
-            f"ActivationStats(layers={self.num_layers}, intermediate={self.intermediate_size}, "
-            f"n_tokens={self.n_tokens}" + (f", language={lang!r}" if lang is not None else "") + ")"
-        )
-
-    # -- derived quantities --------------------------------------------------------------------
-    def activation_probability(self) -> torch.Tensor:
-        """P(act(gate) > 0) per layer and neuron: over_zero / n_tokens, float32 [L, I]."""
-        n = self.n_tokens
-        if n == 0:
-            raise ValueError("activation_probability: no tokens were recorded (n_tokens == 0)")
-        return (self.over_zero.to(torch.float64) / n).to(torch.float32)
-
-    def mean_activation(self) -> torch.Tensor:
-        """Mean act(gate) per layer and neuron: act_sum / n_tokens, float32 [L, I]."""
-        n, act_sum = self.n_tokens, self.act_sum
-        if act_sum is None:
-            raise ValueError("mean_activation: these stats carry no act_sum (built from a LAPE over_zero dict)")
-        if n == 0:
-            raise ValueError("mean_activation: no tokens were recorded (n_tokens == 0)")
-        return (act_sum / n).to(torch.float32)
-
-    # -- combining shards ----------------------------------------------------------------------
-    def _check_compatible(self, other: "ActivationStats") -> None:
-        if not isinstance(other, ActivationStats):
-            raise TypeError(f"can only add ActivationStats to ActivationStats, got {type(other).__name__}")
-        if self.shape != other.shape:
-            a, b = self.shape, other.shape
-            what = "layer counts" if a[0] != b[0] else "intermediate sizes"
-            raise ValueError(
-                f"cannot add ActivationStats with different {what}: [layers, intermediate] = {list(a)} vs {list(b)} "
-                "(stats of different models?)"
-            )
-
-    def __add__(self, other: "ActivationStats") -> "ActivationStats":
-        self._check_compatible(other)
-        act_sum = None if self.act_sum is None or other.act_sum is None else self.act_sum + other.act_sum
-        # meta: keep what both shards agree on (a key only one side has is kept too)
-        meta = dict(other.meta)
-        meta.update(self.meta)
-        for key in set(self.meta) & set(other.meta):
-            if self.meta[key] != other.meta[key]:
-                del meta[key]
-        return ActivationStats(self.over_zero + other.over_zero, act_sum, self.n_tokens + other.n_tokens, meta)
-
-    def __radd__(self, other: Any) -> "ActivationStats":
-        if isinstance(other, int) and other == 0:  # sum(shards)
-            return self
-        return NotImplemented
-
-    @classmethod
-    def merge(cls, shards: Iterable["ActivationStats"]) -> "ActivationStats":
-        """Sum of shards (e.g. collected by several processes)."""
-        shards = list(shards)
-        if not shards:
-            raise ValueError("merge needs at least one ActivationStats")
-        out = shards[0]
-        for s in shards[1:]:
-            out = out + s
-        return out
-
-    def equal(self, other: "ActivationStats") -> bool:
-        """Exact equality of counts, sums and token totals (meta ignored)."""
-        if not isinstance(other, ActivationStats) or self.shape != other.shape or self.n_tokens != other.n_tokens:
-            return False
-        if not torch.equal(self.over_zero, other.over_zero):
-            return False
-        if (self.act_sum is None) != (other.act_sum is None):
-            return False
-        return self.act_sum is None or torch.equal(self.act_sum, other.act_sum)
-
-    # -- LAPE reference format -----------------------------------------------------------------
-    def to_lape_dict(self) -> Dict[str, Any]:
-        """``{'n': int, 'over_zero': int64 [L, I]}``: what the LAPE reference's activation script saves."""
-        return {"n": self.n_tokens, "over_zero": self.over_zero.clone()}
-
-    @classmethod
-    def from_lape_dict(cls, d: Dict[str, Any], meta: Optional[Dict[str, Any]] = None) -> "ActivationStats":
-        """From the LAPE reference's ``{'n', 'over_zero'}`` dict (act_sum is then unknown: None)."""
-        if not isinstance(d, dict) or "n" not in d or "over_zero" not in d:
-            got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"a LAPE stats dict has keys 'n' and 'over_zero', got {got}")
-        return cls(d["over_zero"], None, _as_int(d["n"], "d['n']"), meta)
-
-    # -- files ---------------------------------------------------------------------------------
-    def save(self, path: PathLike) -> None:
-        """One safetensors file: tensors ``over_zero`` (+ ``act_sum``), JSON metadata."""
-        from safetensors.torch import save_file
-
-        try:
-            meta_json = json.dumps(self.meta, sort_keys=True)
-        except TypeError as e:
-            raise TypeError(f"ActivationStats.meta must be JSON-serialisable to save: {e}") from None
-        tensors = {"over_zero": self.over_zero.detach().cpu().contiguous()}
-        if self.act_sum is not None:
-            tensors["act_sum"] = self.act_sum.detach().cpu().contiguous()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            tensors,
-            str(path),
-            metadata={
-                "format": _STATS_FORMAT,
-                "version": str(_VERSION),
-                "n_tokens": str(self.n_tokens),
-                "meta": meta_json,
-            },
-        )
-
-    @classmethod
-    def load(cls, path: PathLike) -> "ActivationStats":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no ActivationStats file at {str(path)!r}")
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != _STATS_FORMAT:
-                raise ValueError(
-                    f"{str(path)!r} is not an ActivationStats file (metadata format {md.get('format')!r}); "
-                    "for the LAPE reference's torch.save dict use ActivationStats.from_lape_dict"
-                )
-            if int(md.get("version", "0")) > _VERSION:
-                raise ValueError(f"{str(path)!r} has format version {md['version']}, newer than this library's {_VERSION}")
-            keys = set(f.keys())
-            over_zero = f.get_tensor("over_zero")
-            act_sum = f.get_tensor("act_sum") if "act_sum" in keys else None
-        return cls(over_zero, act_sum, int(md["n_tokens"]), json.loads(md.get("meta", "{}")))
-
-
-def _safe_file_stem(lang: str, index: int) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", lang) and lang not in (".", ".."):
-        return lang
-    return f"language_{index}"
-
-
-class StatsByLanguage(dict):
-    """``language -> ActivationStats``, in the order of ``languages``.
-
-    While recording, ``set_batch_languages(ids)`` says which language each sequence (``[B]``)
-    or token (``[B, S]``) of the following forwards belongs to: ints indexing ``languages`` or
-    language names; -1 (or None) = not counted.
-    """
-
-    def __init__(self, languages: Sequence[str], stats: Optional[Dict[str, ActivationStats]] = None) -> None:
-        languages = _check_languages(languages)
-        super().__init__()
-        self.languages: List[str] = languages
-        self._recorder: Optional["_Recorder"] = None
-        if stats is not None:
-            missing = [l for l in languages if l not in stats]
-            extra = [l for l in stats if l not in languages]
-            if missing or extra:
-                raise ValueError(f"stats keys must be exactly the languages: missing {missing}, unexpected {extra}")
-            for lang in languages:
-                if not isinstance(stats[lang], ActivationStats):
-                    raise TypeError(f"stats[{lang!r}] must be ActivationStats, got {type(stats[lang]).__name__}")
-                self[lang] = stats[lang]
-
-    def set_batch_languages(self, ids: Any) -> None:
-        if self._recorder is None:
-            raise RuntimeError("set_batch_languages only works inside `with record(model, languages) as stats:`")
-        self._recorder.set_batch_languages(ids)
-
-    def __add__(self, other: "StatsByLanguage") -> "StatsByLanguage":
-        if not isinstance(other, StatsByLanguage):
-            raise TypeError(f"can only add StatsByLanguage to StatsByLanguage, got {type(other).__name__}")
-        languages = list(self.languages) + [l for l in other.languages if l not in self.languages]
-        merged = {}
-        for lang in languages:
-            if lang in self and lang in other:
-                merged[lang] = self[lang] + other[lang]
-            else:
-                merged[lang] = self[lang] if lang in self else other[lang]
-        return StatsByLanguage(languages, merged)
-
-    def save(self, directory: PathLike) -> None:
-        """``directory/index.json`` + one ActivationStats safetensors file per language."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for i, lang in enumerate(self.languages):
-            name = _safe_file_stem(lang, i) + ".safetensors"
-            self[lang].save(directory / name)
-            files[lang] = name
-        index = {"format": _SET_FORMAT, "version": _VERSION, "languages": self.languages, "files": files}
-        (directory / _INDEX).write_text(json.dumps(index, indent=1, ensure_ascii=False))
-
-    @classmethod
-    def load(cls, directory: PathLike) -> "StatsByLanguage":
-        directory = Path(directory)
-        index_path = directory / _INDEX
-        if not index_path.is_file():
-            raise FileNotFoundError(f"no StatsByLanguage at {str(directory)!r} (missing {_INDEX})")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != _SET_FORMAT:
-            raise ValueError(f"{str(index_path)!r} is not a StatsByLanguage index (format {index.get('format')!r})")
-        languages = index["languages"]
-        return cls(languages, {lang: ActivationStats.load(directory / index["files"][lang]) for lang in languages})
-
-
-def _check_languages(languages: Any) -> List[str]:
-    if isinstance(languages, str) or not isinstance(languages, (list, tuple)):
-        raise TypeError(f"languages must be a list of language names, got {type(languages).__name__}")
-    languages = list(languages)
-    if not languages:
-        raise ValueError("languages must not be empty")
-    bad = [l for l in languages if not isinstance(l, str) or not l]
-    if bad:
-        raise TypeError(f"language names must be non-empty strings, got {bad}")
-    dup = sorted({l for l in languages if languages.count(l) > 1})
-    if dup:
-        raise ValueError(f"duplicate languages: {dup}")
-    return languages
-
+__all__ = ["record"]
 
 # ------------------------------------------------------------------------------------------------
 # Recording
@@ -384,7 +53,7 @@ class _Recorder:
 
     def __init__(self, model: nn.Module, languages: Optional[List[str]]) -> None:
         self.model = model
-        self.body = patching.decoder_body(model)
+        self.body = decoder_body(model)
         self.mlps = patching.patched_mlps(model)
         sparse = [m._lape.layer_index for m in self.mlps if m._lape.sparse is not None]
         if sparse:
@@ -666,9 +335,9 @@ def _ancestors(model: nn.Module, body: nn.Module) -> List[nn.Module]:
 
 
 def _meta(model: nn.Module, recorder: _Recorder, language: Optional[str]) -> Dict[str, Any]:
-    from . import __version__
+    from ..version import __version__
 
-    config = patching.text_config(model)
+    config = text_config(model)
     try:
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     except StopIteration:
@@ -710,12 +379,12 @@ def record(
     elif languages is None:
         names, single_name = None, None
     else:
-        names, single_name = _check_languages(languages), None
+        names, single_name = check_languages(languages), None
     if not isinstance(model, nn.Module):
         raise TypeError(f"record expects a torch.nn.Module, got {type(model).__name__}")
     was_patched = patching.is_patched(model)
     if not was_patched:
-        patching.patch(model, chunked_loss=False)
+        patching.patch_mlps(model)
     recorder: Optional[_Recorder] = None
     try:
         recorder = _Recorder(model, names)
