@@ -8,7 +8,7 @@ facts has one owner.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ __all__ = [
     "decoder_layers",
     "decoder_body",
     "model_shape",
+    "MLPShape",
+    "mlp_shape",
     "model_type",
 ]
 
@@ -175,7 +177,9 @@ def decoder_body(model: nn.Module) -> nn.Module:
 
 
 def model_shape(model_or_config: Any) -> Tuple[int, int]:
-    """(num_hidden_layers, intermediate_size) of a HF model or config (its text config)."""
+    """(num_hidden_layers, intermediate_size) of a HF model or config (its text config): what a
+    model is declared to be, e.g. to check a neuron set against a config before any weight
+    exists. :func:`mlp_shape` reads a model's actual MLP weights."""
     config = text_config(model_or_config)
     try:
         num_layers = int(config.num_hidden_layers)
@@ -187,3 +191,28 @@ def model_shape(model_or_config: Any) -> Tuple[int, int]:
             raise ValueError(f"per-layer intermediate sizes differ ({sorted(set(inter))}); not supported")
         inter = inter[0]
     return num_layers, int(inter)
+
+
+class MLPShape(NamedTuple):
+    """A model's gated MLPs as its weights are: the shape every neuron index refers to."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def mlp_shape(model: nn.Module) -> MLPShape:
+    """(layers, hidden, intermediate) read from the MLP weights of every decoder layer (patched
+    or not). Layers of different MLP sizes are an error: statistics, neuron sets and trainable
+    slices are [layers, intermediate] arrays."""
+    family = family_for(model)
+    _, layers = decoder_layers(model)
+    sizes = set()
+    for layer in layers:
+        family.check(layer.mlp)
+        sizes.add(tuple(family.weights(layer.mlp)[0].shape))
+    if len(sizes) != 1:
+        raise ValueError(f"the MLPs of {type(model).__name__} differ in size ([intermediate, hidden] = "
+                         f"{sorted(sizes)}): one intermediate size for all layers is needed")
+    intermediate, hidden = sizes.pop()
+    return MLPShape(len(layers), int(hidden), int(intermediate))

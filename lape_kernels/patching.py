@@ -31,6 +31,8 @@ __all__ = [
     "is_patched",
     "patched_mlps",
     "add_cleanup",
+    "drop_cleanup",
+    "run_cleanup",
     "gate_up",
     "weights",
     "biases",
@@ -38,19 +40,32 @@ __all__ = [
 
 
 class Recorder(Protocol):
-    """What ``record`` plugs into the patched forward (see ``lape_kernels.stats.recorder``)."""
+    """What ``record`` plugs into the patched forward (``lape_kernels.stats.recorder``).
 
+    Per MLP call, the forward asks ``token_lang`` which language each of the call's tokens
+    belongs to, computes the counts with ``act_mul_count`` (or, when ``fused_gemm`` is set and
+    applies, ``gate_up_act_mul_count``) and hands them to ``accumulate``."""
+
+    #: count with the fused gate/up GEMM op where it computes what the module computes
     fused_gemm: bool
 
-    def token_lang(self, num_tokens: int, device: torch.device) -> Tuple[Optional[torch.Tensor], int]: ...
+    def token_lang(self, num_tokens: int, device: torch.device) -> Tuple[Optional[torch.Tensor], int]:
+        """(int64 [num_tokens] language ids on ``device`` with -1 = not counted, or None = all
+        language 0; the number of languages)."""
+        ...
 
-    def accumulate(self, layer_index: int, over_zero: torch.Tensor, act_sum: torch.Tensor) -> None: ...
+    def accumulate(self, layer_index: int, over_zero: torch.Tensor, act_sum: torch.Tensor) -> None:
+        """Add one call's ``over_zero`` int64 / ``act_sum`` float64 ``[num_langs, I]``."""
+        ...
 
 
 class MLPOverride(Protocol):
-    """A replacement MLP computation (sparse neuron training: ``lape_kernels.training.sparse_mlp``)."""
+    """A replacement for the whole MLP computation (sparse neuron training:
+    ``lape_kernels.training.sparse_mlp``). Counting and deactivation do not apply to it."""
 
-    def forward(self, mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+        """The MLP output ``[T, H]`` for the flattened input ``x2`` ``[T, H]``."""
+        ...
 
 
 @dataclass
@@ -104,7 +119,7 @@ def _lape_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return out.reshape(*shape[:-1], out.shape[-1])
     if st.recorder is not None:
         token_lang, num_langs = st.recorder.token_lang(x2.shape[0], x2.device)
-        if getattr(st.recorder, "fused_gemm", False) and _fused_gemm_applies(self, x2):
+        if st.recorder.fused_gemm and _fused_gemm_applies(self, x2):
             wg, wu, _ = weights(self)
             h, over_zero, act_sum = ops.gate_up_act_mul_count(x2, wg, wu, st.activation, token_lang, num_langs)
         else:
@@ -153,19 +168,29 @@ def patch_mlps(model: nn.Module) -> nn.Module:
     return model
 
 
+#: ``model.__dict__`` key of the registered cleanups: name -> undo(model), in registration order
+_CLEANUPS = "_lape_cleanups"
+
+
 def add_cleanup(model: nn.Module, name: str, undo: Callable[[nn.Module], Any]) -> None:
     """Register ``undo(model)`` to run (once, newest first) when ``model`` is unpatched.
 
     How the consumers of the patched forward (sparse training, the chunked loss) remove what
-    they installed, without patching having to know them."""
-    cleanups = model.__dict__.setdefault("_lape_cleanups", {})
+    they installed, without patching having to know them. Registering a name again replaces
+    the earlier ``undo`` and makes it the newest."""
+    cleanups = model.__dict__.setdefault(_CLEANUPS, {})
     cleanups.pop(name, None)
     cleanups[name] = undo
 
 
+def drop_cleanup(model: nn.Module, name: str) -> None:
+    """Forget a registered cleanup without running it (its owner undid its work itself)."""
+    model.__dict__.get(_CLEANUPS, {}).pop(name, None)
+
+
 def run_cleanup(model: nn.Module, name: str) -> None:
     """Run and forget one registered cleanup now (no-op when none is registered)."""
-    undo = model.__dict__.get("_lape_cleanups", {}).pop(name, None)
+    undo = model.__dict__.get(_CLEANUPS, {}).pop(name, None)
     if undo is not None:
         undo(model)
 
@@ -175,9 +200,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 
     Trained neuron values are discarded (use ``lape_kernels.merge`` to keep them).
     """
-    for name in reversed(list(model.__dict__.get("_lape_cleanups", {}))):
+    for name in reversed(list(model.__dict__.get(_CLEANUPS, {}))):
         run_cleanup(model, name)
-    model.__dict__.pop("_lape_cleanups", None)
+    model.__dict__.pop(_CLEANUPS, None)
     if not is_patched(model):
         return model
     _, layers = decoder_layers(model)
