@@ -20,18 +20,14 @@ from .corpus import (
 from .hf_text import load_text_dataset
 from .models import (
     MODEL_ALIASES,
-    TINY_FAMILIES,
     load_model,
     model_cache_dir,
-    tiny_model,
-    tiny_tokenizer,
 )
 from .packing import iter_packed_batches, iter_packed_rows, pack_tokens
 
 __all__ = [
     "DEFAULT_LANGUAGES",
     "MODEL_ALIASES",
-    "TINY_FAMILIES",
     "available_languages",
     "build_corpus",
     "corpus_manifest",
@@ -42,6 +38,4 @@ __all__ = [
     "model_cache_dir",
     "pack_tokens",
     "parallel_sentences",
-    "tiny_model",
-    "tiny_tokenizer",
 ]

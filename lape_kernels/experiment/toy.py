@@ -42,14 +42,14 @@ def make_toy_setup(root: str, family: str = "llama", lines: int = 300, seed: int
     """Write ``root/model`` (tiny ``family`` model + char tokenizer), ``root/corpus``
     (``<lang>.txt`` per language, ``parallel.jsonl``) and ``root/demo.json``. Returns
     (model_dir, corpus_dir)."""
-    from ..data import tiny_model, tiny_tokenizer
+    from ..testing import tiny_model, tiny_tokenizer
 
     root_p = Path(root)
     alphabets = alphabets or TOY_ALPHABETS
     model_dir, corpus_dir = root_p / "model", root_p / "corpus"
     model_dir.mkdir(parents=True, exist_ok=True)
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    tiny_model(family, seed=seed).save_pretrained(model_dir)
+    tiny_model(family, seed=seed, num_layers=2, intermediate=128, varied_signs=False).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     rng = random.Random(seed)
     for lang, alphabet in alphabets.items():

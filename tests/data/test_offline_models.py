@@ -1,5 +1,6 @@
-"""Offline models: tiny random models and tokenizer, loading local and packaged models
-(packaged names are slow tests), the GGUF assembly and one-time conversion."""
+"""Offline models: loading local and packaged models (packaged names are slow tests), the GGUF
+assembly and one-time conversion. (The tiny random models and tokenizer are
+lape_kernels.testing's, tested in tests/model/test_testing.py.)"""
 
 from __future__ import annotations
 
@@ -10,66 +11,10 @@ import zipfile
 import pytest
 import torch
 
-from lape_kernels.data import load_model, tiny_model, tiny_tokenizer
+from lape_kernels.data import load_model
 from lape_kernels.data import models as M
 from lape_kernels.data.corpus import corpus_dir
-
-# --------------------------------------------------------------------------------------------
-# tiny models
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", M.TINY_FAMILIES)
-def test_tiny_model_forward_backward(family):
-    model = tiny_model(family)
-    assert model.config.model_type == family
-    assert model.config.hidden_size == 64 and model.config.intermediate_size == 128
-    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 256
-    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    out = model(ids, labels=ids)
-    assert out.logits.shape == (2, 12, 256)
-    assert torch.isfinite(out.logits).all()
-    # a random model is near uniform over the vocabulary
-    assert abs(out.loss.item() - math.log(256)) < 1.0
-    out.loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
-def test_tiny_model_deterministic_and_rng_neutral(family):
-    state = torch.random.get_rng_state()
-    a, b = tiny_model(family, seed=3), tiny_model(family, seed=3)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = tiny_model(family, seed=4)
-    assert any(not torch.equal(sa[k], c.state_dict()[k]) for k in sa)
-
-
-def test_tiny_model_overrides_and_errors():
-    m = tiny_model("qwen3", num_hidden_layers=3, intermediate_size=96)
-    assert m.config.num_hidden_layers == 3
-    assert m.model.layers[0].mlp.gate_proj.weight.shape == (96, 64)
-    assert tiny_model("phi3").model.layers[0].mlp.gate_up_proj.weight.shape == (256, 64)
-    assert tiny_model("gemma", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="family must be one of"):
-        tiny_model("gpt2")
-
-
-def test_tiny_tokenizer_roundtrip():
-    tok = tiny_tokenizer()
-    ids = tok("Hi there!")["input_ids"]
-    assert ids[0] == tok.bos_token_id == 1
-    assert len(ids) == 1 + len("Hi there!")
-    assert tok.decode(ids, skip_special_tokens=True) == "Hi there!"
-    assert tok("é", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
-    assert (tok.pad_token_id, tok.eos_token_id) == (0, 2)
-    assert max(tok.get_vocab().values()) < 256
-    with pytest.raises(ValueError, match="vocab_size"):
-        tiny_tokenizer(50)
-
+from lape_kernels.testing import tiny_model, tiny_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # load_model (local paths; packaged names are slow tests)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lape_kernels.data import iter_packed_batches, pack_tokens, tiny_tokenizer
+from lape_kernels.data import iter_packed_batches, pack_tokens
+from lape_kernels.testing import tiny_tokenizer
 
 
 def _reference_pack(docs, seq_len, add_bos, bos, eos, max_tokens=None):

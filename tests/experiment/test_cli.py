@@ -375,7 +375,7 @@ def test_neuron_set_that_does_not_fit(toy, tmp_path, capsys):
 def test_unsupported_model_family(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lape_kernels.data.models import tiny_tokenizer
+    from lape_kernels.testing import tiny_tokenizer
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=256, n_positions=128)).save_pretrained(gpt2)

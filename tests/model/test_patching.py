@@ -12,9 +12,10 @@ import lape_kernels
 from lape_kernels import introspection, patching
 from lape_kernels import UnsupportedModelError, patch, unpatch
 
-from helpers import FAMILIES, random_batch, tiny_gemma3_multimodal, tiny_model
+from lape_kernels.testing import TINY_FAMILIES as FAMILIES
+from lape_kernels.testing import random_batch, tiny_gemma3_multimodal, tiny_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from helpers import MODEL_DTYPES, over_families_dtypes_paddings
 # max |patched - original| / max |original logit|: fp32 is last-bit noise; bf16 differs because
 # HF rounds act(gate) to bf16 before the product while the ops round once
 REL_TOL = {"fp32": 2e-6, "bf16": 2e-2}
@@ -33,11 +34,9 @@ def _assert_unpatched(model):
         assert mlp.forward.__func__ is type(mlp).forward
 
 
-@pytest.mark.parametrize("padding", [None, "left"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("family", FAMILIES)
+@over_families_dtypes_paddings([None, "left"])
 def test_patched_logits_match_original(family, dtype, padding):
-    model = tiny_model(family, dtype=DTYPES[dtype])
+    model = tiny_model(family, dtype=MODEL_DTYPES[dtype])
     ids, mask = random_batch(batch=3, seq=12, seed=2, padding=padding)
     expected = _logits(model, ids, mask)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -202,3 +201,4 @@ def test_multimodal_gemma3_patches_the_language_model():
     torch.testing.assert_close(_logits(model, ids, mask), expected, rtol=1e-5, atol=1e-5)
     unpatch(model)
     assert torch.equal(_logits(model, ids, mask), expected)
+

@@ -14,9 +14,10 @@ import lape_kernels
 from lape_kernels import introspection, patching
 from lape_kernels.stats import ActivationStats, StatsByLanguage, record
 
-from helpers import FAMILIES, hook_counts, random_batch, tiny_model
+from lape_kernels.testing import TINY_FAMILIES as FAMILIES
+from lape_kernels.testing import hook_counts, random_batch, tiny_gemma3_multimodal, tiny_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from helpers import MODEL_DTYPES, over_families_dtypes_paddings
 
 
 def _record(model, ids, mask, languages=None, lang_ids=None, **kw):
@@ -34,11 +35,9 @@ def _assert_matches(stats: ActivationStats, ref: dict, k: int = 0) -> None:
     torch.testing.assert_close(stats.act_sum, ref["act_sum"][k], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("padding", [None, "left", "right"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("family", FAMILIES)
+@over_families_dtypes_paddings([None, "left", "right"])
 def test_counts_match_hook_reference(family, dtype, padding):
-    model = tiny_model(family, dtype=DTYPES[dtype])
+    model = tiny_model(family, dtype=MODEL_DTYPES[dtype])
     ids, mask = random_batch(batch=4, seq=12, seed=1, padding=padding)
     ref = hook_counts(model, ids, mask)
     stats = _record(model, ids, mask)
@@ -49,7 +48,7 @@ def test_counts_match_hook_reference(family, dtype, padding):
     p = stats.activation_probability()
     assert 0 < float(p.mean()) < 1 and bool((p > 0.9).any()) and bool((p < 0.1).any())  # non-trivial counts
     assert stats.meta["model_type"] == model.config.model_type and stats.meta["num_layers"] == 3
-    assert stats.meta["dtype"] == str(DTYPES[dtype]).replace("torch.", "")
+    assert stats.meta["dtype"] == str(MODEL_DTYPES[dtype]).replace("torch.", "")
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
@@ -109,9 +108,9 @@ def test_mixed_batch_per_sequence_equals_separate_passes():
         _assert_matches(mixed[lang], ref, k)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", list(MODEL_DTYPES))
 def test_mixed_batch_per_token_ids(dtype):
-    model = tiny_model("phi3", dtype=DTYPES[dtype])
+    model = tiny_model("phi3", dtype=MODEL_DTYPES[dtype])
     ids, mask = random_batch(batch=3, seq=10, seed=6, padding="right")
     tok_lang = torch.randint(-1, 2, (3, 10), generator=torch.Generator().manual_seed(0))
     mixed = _record(model, ids, mask, ["a", "b"], tok_lang)
@@ -480,22 +479,15 @@ def test_torch_compile_aot_eager_with_record():
 def test_multimodal_gemma3_uses_the_outer_2d_mask():
     """Gemma3ForConditionalGeneration passes its language model a dict of 4-D masks: padding is
     taken from the 2-D mask the wrapper received."""
-    from helpers import tiny_gemma3_multimodal
-
     model = tiny_gemma3_multimodal()
     ids, mask = random_batch(batch=3, seq=10, seed=19, padding="left")
-    layers = model.model.language_model.layers
     assert introspection.decoder_body(model) is model.model.language_model
-    counts = []
-    handles = [l.mlp.act_fn.register_forward_hook(
-        lambda mod, i, o: counts.append(((o.float() > 0) & mask.bool()[..., None]).sum((0, 1)))) for l in layers]
+    ref = hook_counts(model, ids, mask)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
-    for h in handles:
-        h.remove()
     with torch.no_grad(), record(model) as stats:
         got = model(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(stats.over_zero, torch.stack(counts)) and stats.n_tokens == int(mask.sum())
+    assert torch.equal(stats.over_zero, ref["over_zero"][0]) and stats.n_tokens == int(mask.sum())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import tiny_model  # noqa: E402
+from lape_kernels.testing import tiny_model  # noqa: E402
 
 import lape_kernels  # noqa: E402
 from lape_kernels.training import trainable_parameters  # noqa: E402

@@ -22,7 +22,7 @@ from lape_kernels.training.loss import (
     uninstall_chunked_loss,
 )
 
-from helpers import tiny_model
+from lape_kernels.testing import tiny_model
 
 
 def hf_loss(hidden, lm_head, labels, softcap=None, **kw):

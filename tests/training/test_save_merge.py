@@ -13,7 +13,7 @@ from lape_kernels import patching
 from lape_kernels.training import load_neurons, merge, save_neurons, trainable_parameters
 from lape_kernels.training.io import CONFIG_NAME, WEIGHTS_NAME, NeuronFileError
 
-from helpers import tiny_model
+from lape_kernels.testing import tiny_model
 
 H, I = 64, 128
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lape_kernels
 from lape_kernels import patching
 from lape_kernels.training import sparse_mlp
+from lape_kernels.testing import TINY_FAMILIES as FAMILIES
+from lape_kernels.testing import bake_slice_training, slice_training, tiny_model
+from lape_kernels.testing import random_neurons as _random_neurons
 from lape_kernels.training import trainable_parameters
-
-from helpers import FAMILIES, tiny_model
 
 H, I = 64, 128
 
@@ -28,8 +28,7 @@ def make_model(family: str, seed: int = 0) -> nn.Module:
 
 
 def random_neurons(num_layers: int = 2, k=(5, 3), seed: int = 0, intermediate: int = I):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(intermediate, generator=g)[:n].sort().values for n in k[:num_layers]]
+    return _random_neurons(num_layers, intermediate, k[:num_layers], seed)
 
 
 def live_neurons(model: nn.Module, k=(6, 4), seed: int = 0):
@@ -69,60 +68,14 @@ def batch(b: int = 2, s: int = 7, seed: int = 0):
 # ----------------------------------------------------------------------------- the oracle
 
 
-class _ScatterRows(nn.Module):
-    """Parametrization W -> W with rows ``sel`` replaced by a trainable slice (clone + scatter:
-    the paper's dense approach, with dense autograd through the full weight)."""
-
-    def __init__(self, sel: torch.Tensor, rows: torch.Tensor, dim: int):
-        super().__init__()
-        self.register_buffer("sel", sel)
-        self.slice = nn.Parameter(rows)
-        self.dim = dim
-
-    def forward(self, w):
-        return w.index_copy(self.dim, self.sel, self.slice)
-
-
-class _ScatterGateUp(nn.Module):
-    """Phi-3's fused [gate; up] weight with gate rows ``sel`` and up rows ``I + sel`` replaced."""
-
-    def __init__(self, sel: torch.Tensor, g_rows: torch.Tensor, u_rows: torch.Tensor):
-        super().__init__()
-        self.register_buffer("sel", sel)
-        self.g_rows, self.u_rows = nn.Parameter(g_rows), nn.Parameter(u_rows)
-
-    def forward(self, w):
-        inter = w.shape[0] // 2
-        return w.index_copy(0, torch.cat([self.sel, self.sel + inter]), torch.cat([self.g_rows, self.u_rows]))
-
-
 def make_oracle(model: nn.Module, neurons):
     """An UNPATCHED copy of ``model`` where only the selected rows/cols are trained, through dense
-    weights. Returns (oracle, slice params in the order of ``trainable_parameters``)."""
+    weights (the paper's slice training). Returns (oracle, slice params in the order of
+    ``trainable_parameters``)."""
     oracle = copy.deepcopy(model)
     if patching.is_patched(oracle):
         lape_kernels.unpatch(oracle)
-    for p in oracle.parameters():
-        p.requires_grad_(False)
-    params = []
-    for layer, sel in zip(oracle.model.layers, neurons):
-        if sel.numel() == 0:
-            continue
-        mlp = layer.mlp
-        if hasattr(mlp, "gate_up_proj"):
-            w = mlp.gate_up_proj.weight
-            scat = _ScatterGateUp(sel, w[sel].clone(), w[sel + w.shape[0] // 2].clone())
-            parametrize.register_parametrization(mlp.gate_up_proj, "weight", scat)
-            params += [scat.g_rows, scat.u_rows]
-        else:
-            for lin in (mlp.gate_proj, mlp.up_proj):
-                scat = _ScatterRows(sel, lin.weight[sel].clone(), 0)
-                parametrize.register_parametrization(lin, "weight", scat)
-                params.append(scat.slice)
-        scat = _ScatterRows(sel, mlp.down_proj.weight[:, sel].clone(), 1)
-        parametrize.register_parametrization(mlp.down_proj, "weight", scat)
-        params.append(scat.slice)
-    return oracle, params
+    return oracle, slice_training(oracle, neurons)
 
 
 def mlp_weights(model: nn.Module):
@@ -268,11 +221,7 @@ def test_training_matches_paper_method(family):
     got = train_steps(ours, trainable_parameters(ours))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
     assert got[-1] < got[0] - 0.05  # training really changed something
-    for layer in oracle.model.layers:
-        for name in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"):
-            lin = getattr(layer.mlp, name, None)
-            if lin is not None and parametrize.is_parametrized(lin):
-                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
+    bake_slice_training(oracle)
     # base weights were never touched by training
     for a, b in zip(mlp_weights(ours), before):
         assert torch.equal(a, b)
