@@ -13,45 +13,34 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from ..languages import check_languages
+from ..stats.values import ActivationStats, check_same_shape
 from .neuron_set import NeuronSet
 
 __all__ = ["identify", "lape_probabilities"]
 
 
-def _counts(lang: str, stats: Any):
-    """(over_zero, n, meta) from an ActivationStats-like object or a reference dict."""
-    if isinstance(stats, Mapping):
-        if "over_zero" not in stats or "n" not in stats:
-            raise ValueError(f"stats[{lang!r}]: a dict must have keys 'n' and 'over_zero' (the LAPE reference "
-                             f"format), got keys {sorted(map(str, stats))}")
-        over_zero, n, meta = stats["over_zero"], stats["n"], {}
-    elif hasattr(stats, "over_zero") and hasattr(stats, "n_tokens"):
-        over_zero, n, meta = stats.over_zero, stats.n_tokens, getattr(stats, "meta", None) or {}
-    else:
-        raise TypeError(f"stats[{lang!r}]: expected ActivationStats (.over_zero, .n_tokens) or "
-                        f"{{'n': int, 'over_zero': tensor}}, got {type(stats).__name__}")
-    if isinstance(n, torch.Tensor):
-        if n.numel() != 1 or n.is_floating_point() or n.dtype == torch.bool:
-            raise ValueError(f"stats[{lang!r}]: n must be an integer (token count), got tensor {n.dtype} {tuple(n.shape)}")
-        n = int(n.item())
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise ValueError(f"stats[{lang!r}]: n must be an integer token count, got {n!r}")
-    n = int(n)
-    if n <= 0:
-        raise ValueError(f"stats[{lang!r}]: n (tokens counted) must be > 0, got {n}")
-    if not isinstance(over_zero, torch.Tensor):
-        raise TypeError(f"stats[{lang!r}]: over_zero must be a tensor, got {type(over_zero).__name__}")
-    if over_zero.is_floating_point() or over_zero.is_complex() or over_zero.dtype == torch.bool:
-        raise ValueError(f"stats[{lang!r}]: over_zero must hold integer counts, got dtype {over_zero.dtype}")
-    if over_zero.dim() != 2 or over_zero.numel() == 0:
-        raise ValueError(f"stats[{lang!r}]: over_zero must be 2-D [layers, intermediate], got shape {tuple(over_zero.shape)}")
-    over_zero = over_zero.detach().to("cpu", torch.int64)
-    if bool((over_zero < 0).any()):
-        raise ValueError(f"stats[{lang!r}]: over_zero has negative counts (min {int(over_zero.min())})")
-    if bool((over_zero > n).any()):
-        raise ValueError(f"stats[{lang!r}]: over_zero has counts above n={n} (max {int(over_zero.max())}); "
-                         f"counts and n must come from the same tokens")
-    return over_zero, n, meta
+def _as_stats(lang: str, stats: Any) -> ActivationStats:
+    """An ActivationStats-like object or a LAPE reference dict, checked by ActivationStats' own
+    rules (errors prefixed with the language), with at least one token."""
+    try:
+        if isinstance(stats, ActivationStats):
+            out = stats
+        elif isinstance(stats, Mapping):
+            out = ActivationStats.from_lape_dict(stats)
+        elif hasattr(stats, "over_zero") and hasattr(stats, "n_tokens"):
+            out = ActivationStats(stats.over_zero, None, stats.n_tokens, getattr(stats, "meta", None) or {})
+        else:
+            raise TypeError(f"expected ActivationStats (.over_zero, .n_tokens) or {{'n': int, 'over_zero': tensor}}, "
+                            f"got {type(stats).__name__}")
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"stats[{lang!r}]: {exc}") from None
+    if out.n_tokens <= 0:
+        raise ValueError(f"stats[{lang!r}]: n (tokens counted) must be > 0, got {out.n_tokens}")
+    if out.intermediate_size == 0 or out.num_layers == 0:
+        raise ValueError(f"stats[{lang!r}]: over_zero must be 2-D [layers, intermediate] and not empty, "
+                         f"got shape {tuple(out.shape)}")
+    return out
 
 
 def _check_rate(name: str, value: float) -> float:
@@ -77,20 +66,12 @@ def _stack(stats: Mapping[str, Any]):
         raise TypeError(f"stats must be a mapping language -> ActivationStats or reference dict, got {type(stats).__name__}")
     if len(stats) == 0:
         raise ValueError("stats is empty: need at least one language")
-    counts, ns, metas = [], [], []
-    shape = None
-    for lang, s in stats.items():
-        if not isinstance(lang, str) or not lang:
-            raise ValueError(f"language names must be non-empty strings, got {lang!r}")
-        oz, n, meta = _counts(lang, s)
-        if shape is None:
-            shape, first = oz.shape, lang
-        elif oz.shape != shape:
-            raise ValueError(f"over_zero shapes differ across languages: {first!r} has {tuple(shape)}, "
-                             f"{lang!r} has {tuple(oz.shape)}")
-        counts.append(oz)
-        ns.append(n)
-        metas.append(meta)
+    languages = check_languages(list(stats))
+    checked = {lang: _as_stats(lang, stats[lang]) for lang in languages}
+    check_same_shape(checked, "identify neurons from")
+    counts = [s.over_zero.detach().cpu() for s in checked.values()]  # topk on the CPU, as the reference
+    ns = [s.n_tokens for s in checked.values()]
+    metas = [s.meta for s in checked.values()]
     # Layout [L, I, K] and integer true division, exactly as the reference: float32 probabilities,
     # and the sums over languages below reduce a contiguous last dimension in the same order.
     return torch.stack(counts, dim=-1), torch.tensor(ns, dtype=torch.int64), metas

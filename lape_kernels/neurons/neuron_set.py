@@ -17,8 +17,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from ..introspection import model_shape
+from ..languages import check_languages
 
-__all__ = ["NeuronSet", "NeuronSetFormatError", "PerLayer"]
+__all__ = ["NeuronSet", "NeuronSetFormatError", "PerLayer", "check_layer_indices"]
 
 FORMAT_NAME = "lape_kernels.neuron_set"
 FORMAT_VERSION = 1
@@ -32,10 +33,20 @@ class NeuronSetFormatError(ValueError):
     """A neuron-set file that is not in a format we read (or is malformed)."""
 
 
-def _as_index_tensor(values: Any, where: str) -> torch.Tensor:
-    """One layer's indices as a CPU int64 1-D tensor; integer input only (floats/bools refused)."""
+def check_layer_indices(values: Any, where: str, intermediate_size: Optional[int] = None, *,
+                        int64_tensor: bool = False) -> Tuple[torch.Tensor, bool]:
+    """The one rule for a layer's neuron indices, wherever they enter the library (``NeuronSet``,
+    ``patch(neurons=...)``, ``deactivate``, ``load_neurons``): integers, 1-D, each in
+    ``[0, intermediate_size)`` (when known), no duplicates. ``int64_tensor``: only an int64
+    tensor is accepted (what ``patch`` documents), not a list or another integer dtype.
+
+    Returns (the indices sorted ascending, as a new CPU int64 tensor; whether the input was
+    sorted already). Errors start with ``where`` and name the offending value.
+    """
     if isinstance(values, torch.Tensor):
         t = values
+    elif int64_tensor:
+        raise TypeError(f"{where}: expected a torch.Tensor of int64 indices, got {type(values).__name__}")
     elif isinstance(values, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise TypeError(f"{where}: indices must be integers, got a {type(values).__name__} "
@@ -43,11 +54,27 @@ def _as_index_tensor(values: Any, where: str) -> torch.Tensor:
         t = torch.tensor(list(values), dtype=torch.int64)
     else:
         raise TypeError(f"{where}: expected a 1-D integer tensor (or list of ints), got {type(values).__name__}")
+    if int64_tensor and t.dtype != torch.int64:
+        raise TypeError(f"{where}: indices must be int64 (torch.long), got {t.dtype}")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{where}: indices must have an integer dtype (int64 preferred), got {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"{where}: indices must be 1-D, got shape {tuple(t.shape)}")
-    return t.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
+    t = t.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
+    if t.numel() == 0:
+        return t, True
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or (intermediate_size is not None and hi >= intermediate_size):
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{where}: index {bad} out of range "
+                         f"[0, {intermediate_size if intermediate_size is not None else 'inf'})")
+    was_sorted = t.numel() < 2 or bool((t[1:] > t[:-1]).all())
+    if not was_sorted:
+        t = torch.sort(t).values
+        dup = t[1:][t[1:] == t[:-1]]
+        if dup.numel():
+            raise ValueError(f"{where}: duplicate index {int(dup[0])}")
+    return t, was_sorted
 
 
 class NeuronSet:
@@ -91,9 +118,8 @@ class NeuronSet:
         self.tokens_per_language: Dict[str, int] = {str(k): int(v) for k, v in (tokens_per_language or {}).items()}
         self.notes: List[str] = list(notes or [])
         self._sets: Dict[str, PerLayer] = {}
+        check_languages(list(neurons))
         for lang, layers in neurons.items():
-            if not isinstance(lang, str) or not lang:
-                raise ValueError(f"language names must be non-empty strings, got {lang!r}")
             if isinstance(layers, (torch.Tensor, str)) or not isinstance(layers, Sequence):
                 raise TypeError(f"neurons[{lang!r}] must be a sequence with one index tensor per layer, "
                                 f"got {type(layers).__name__}")
@@ -102,20 +128,9 @@ class NeuronSet:
             per_layer = []
             unsorted_layers = []
             for li, values in enumerate(layers):
-                where = f"neurons[{lang!r}][layer {li}]"
-                t = _as_index_tensor(values, where)
-                if t.numel():
-                    lo, hi = int(t.min()), int(t.max())
-                    if lo < 0 or (intermediate_size is not None and hi >= intermediate_size):
-                        bad = lo if lo < 0 else hi
-                        raise ValueError(f"{where}: index {bad} out of range [0, {intermediate_size if intermediate_size is not None else 'inf'})")
-                    if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
-                        s = torch.sort(t).values
-                        if bool((s[1:] == s[:-1]).any()):
-                            dup = int(s[1:][s[1:] == s[:-1]][0])
-                            raise ValueError(f"{where}: duplicate index {dup}")
-                        t = s
-                        unsorted_layers.append(li)
+                t, was_sorted = check_layer_indices(values, f"neurons[{lang!r}][layer {li}]", intermediate_size)
+                if not was_sorted:
+                    unsorted_layers.append(li)
                 per_layer.append(t)
             if unsorted_layers:
                 self.notes.append(f"{lang}: indices of layers {unsorted_layers} were not sorted; sorted on load")
@@ -274,9 +289,7 @@ class NeuronSet:
                                  f"model has {intermediate_size}")
             for lang, layers in self._sets.items():
                 for li, t in enumerate(layers):
-                    if t.numel() and int(t[-1]) >= intermediate_size:
-                        raise ValueError(f"{lang} layer {li}: index {int(t[-1])} out of range for "
-                                         f"intermediate_size {intermediate_size}")
+                    check_layer_indices(t, f"{lang} layer {li}", intermediate_size)
         return self
 
     # ------------------------------------------------------------------- save
@@ -392,8 +405,7 @@ class NeuronSet:
             if len(languages) > len(data):
                 notes.append(f"languages {languages[len(data):]} absent from the reference file "
                              f"(the reference drops trailing languages with no neurons): empty sets")
-            if len(set(languages)) != len(languages):
-                raise ValueError(f"duplicate language names: {languages}")
+            check_languages(languages)
         sets: Dict[str, Sequence[Any]] = {}
         for k, lang in enumerate(languages):
             sets[lang] = list(data[k]) if k < len(data) else [torch.empty(0, dtype=torch.int64)] * num_layers

@@ -3,6 +3,10 @@
 The recorder is the patched forward's :class:`lape_kernels.patching.Recorder`: every patched MLP
 hands it ``act_mul_count``'s per-language counts; a pre-hook on the decoder body tells it which
 language each token belongs to (padding from the 2-D attention mask is never counted).
+
+``record`` yields :class:`RecordingStats` (or :class:`RecordingStatsByLanguage`): the value types
+of ``values.py``, whose numbers follow the recorder's device accumulators while the block runs
+and are frozen into plain values when it ends.
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ import torch
 from torch import nn
 
 from .. import patching
-from ..introspection import decoder_body, text_config
+from ..dtypes import dtype_name
+from ..introspection import decoder_body, mlp_shape, text_config
 from ..languages import check_languages
 from .values import ActivationStats, StatsByLanguage
 
-__all__ = ["record"]
+__all__ = ["record", "RecordingStats", "RecordingStatsByLanguage"]
 
 # ------------------------------------------------------------------------------------------------
 # Recording
@@ -63,11 +68,8 @@ class _Recorder:
             )
         self.languages = languages
         self.num_langs = len(languages) if languages else 1
-        sizes = {patching.weights(m)[0].shape[0] for m in self.mlps}
-        if len(sizes) != 1:
-            raise ValueError(f"record needs one intermediate size for all layers, got {sorted(sizes)}")
-        self.intermediate = sizes.pop()
-        self.num_layers = len(self.mlps)
+        shape = mlp_shape(model)
+        self.num_layers, self.intermediate = shape.num_layers, shape.intermediate_size
         # accumulators live where each layer's weights live (multi-device models included);
         # normal (not inference) tensors, so that forwards inside and outside
         # torch.inference_mode() can both add to them
@@ -334,12 +336,77 @@ def _ancestors(model: nn.Module, body: nn.Module) -> List[nn.Module]:
     return []
 
 
+class RecordingStats(ActivationStats):
+    """One language's statistics of a running ``record`` block: every read of ``over_zero``,
+    ``act_sum`` or ``n_tokens`` takes the recorder's current totals (new CPU tensors). When the
+    block ends the final values are kept and the object no longer references the model."""
+
+    def __init__(self, recorder: _Recorder, k: int, meta: Dict[str, Any]) -> None:
+        L, I = recorder.num_layers, recorder.intermediate
+        super().__init__(torch.zeros(L, I, dtype=torch.int64), torch.zeros(L, I, dtype=torch.float64), 0, meta)
+        self._recorder: Optional[_Recorder] = recorder
+        self._k = k
+
+    @property
+    def recording(self) -> bool:
+        """True inside the ``record`` block (the values still change)."""
+        return self._recorder is not None
+
+    def _refresh(self) -> None:
+        if self._recorder is not None:
+            self._over_zero, self._act_sum, self._n_tokens = self._recorder.snapshot(self._k)
+
+    def _finish(self) -> None:
+        self._refresh()
+        self._recorder = None
+
+    @property
+    def over_zero(self) -> torch.Tensor:
+        self._refresh()
+        return self._over_zero
+
+    @property
+    def act_sum(self) -> Optional[torch.Tensor]:
+        self._refresh()
+        return self._act_sum
+
+    @property
+    def n_tokens(self) -> int:
+        self._refresh()
+        return self._n_tokens
+
+
+class RecordingStatsByLanguage(StatsByLanguage):
+    """``language -> RecordingStats`` of a running ``record`` block, with ``set_batch_languages``."""
+
+    def __init__(self, recorder: _Recorder, stats: Dict[str, RecordingStats]) -> None:
+        super().__init__(list(stats), stats)
+        self._recorder: Optional[_Recorder] = recorder
+
+    @property
+    def recording(self) -> bool:
+        return self._recorder is not None
+
+    def set_batch_languages(self, ids: Any) -> None:
+        """Which language each sequence (``[B]``) or token (``[B, S]``) of the following forwards
+        belongs to: ints indexing ``languages`` or language names; -1 (or None) = not counted."""
+        if self._recorder is None:
+            super().set_batch_languages(ids)  # the block has ended: an error
+        else:
+            self._recorder.set_batch_languages(ids)
+
+    def _finish(self) -> None:
+        for entry in self.values():
+            entry._finish()
+        self._recorder = None
+
+
 def _meta(model: nn.Module, recorder: _Recorder, language: Optional[str]) -> Dict[str, Any]:
     from ..version import __version__
 
     config = text_config(model)
     try:
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        dtype = dtype_name(next(model.parameters()).dtype)
     except StopIteration:
         dtype = None
     return {
@@ -390,30 +457,18 @@ def record(
         recorder = _Recorder(model, names)
         recorder.fused_gemm = bool(fused_gemm)
         recorder.install()
+        stats: Union[RecordingStats, RecordingStatsByLanguage]
         if names is None:
-            stats: Union[ActivationStats, StatsByLanguage] = _live_stats(recorder, 0, _meta(model, recorder, single_name))
+            stats = RecordingStats(recorder, 0, _meta(model, recorder, single_name))
         else:
-            stats = StatsByLanguage(names, {l: _live_stats(recorder, k, _meta(model, recorder, l)) for k, l in enumerate(names)})
-            stats._recorder = recorder
+            stats = RecordingStatsByLanguage(
+                recorder, {l: RecordingStats(recorder, k, _meta(model, recorder, l)) for k, l in enumerate(names)})
         try:
             yield stats
         finally:
-            # final values on the CPU; the objects no longer reference the model
-            entries = [stats] if isinstance(stats, ActivationStats) else list(stats.values())
-            for entry in entries:
-                entry._sync()
-                entry._live = None
-            if isinstance(stats, StatsByLanguage):
-                stats._recorder = None
+            stats._finish()  # final values on the CPU; the objects no longer reference the model
     finally:
         if recorder is not None:
             recorder.uninstall()
         if not was_patched:
             patching.unpatch(model)
-
-
-def _live_stats(recorder: _Recorder, k: int, meta: Dict[str, Any]) -> ActivationStats:
-    L, I = recorder.num_layers, recorder.intermediate
-    stats = ActivationStats(torch.zeros(L, I, dtype=torch.int64), torch.zeros(L, I, dtype=torch.float64), 0, meta)
-    stats._live = (recorder, k)
-    return stats

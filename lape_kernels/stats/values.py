@@ -2,9 +2,10 @@
 
 Per layer and neuron we keep ``over_zero`` (how many tokens had act(gate) > 0, exact int64)
 and ``act_sum`` (sum of act(gate), float64), plus the token count ``n_tokens``: the same numbers
-the LAPE reference gathers with forward hooks, but produced inside the fused MLP kernel
-(``act_mul_count``) of the patched model, per language, with padding excluded from the
-attention mask. Files are safetensors + JSON metadata (never pickle).
+the LAPE reference gathers with forward hooks. This module owns what makes such numbers valid
+and combinable (:class:`ActivationStats` checks them on construction, :func:`check_same_shape`
+before any combination); how they are collected is ``recorder.py``'s business. Files are
+safetensors + JSON metadata (never pickle).
 """
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..languages import check_languages
 
-__all__ = ["ActivationStats", "StatsByLanguage", "safe_file_stem"]
+__all__ = ["ActivationStats", "StatsByLanguage", "check_same_shape", "safe_file_stem"]
 
 _STATS_FORMAT = "lape_kernels.ActivationStats"
 _SET_FORMAT = "lape_kernels.StatsByLanguage"
@@ -30,7 +31,7 @@ PathLike = Union[str, os.PathLike]
 
 def _as_count_tensor(x: Any, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a tensor (torch.Tensor), got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [num_layers, intermediate_size], got shape {tuple(x.shape)}")
     return x
@@ -54,8 +55,8 @@ class ActivationStats:
     ``over_zero`` int64 [L, I]: tokens with act(gate) > 0; ``act_sum`` float64 [L, I] (None when
     unknown, e.g. built from the LAPE reference's dict); ``n_tokens``: tokens seen (each counted
     once, not once per layer); ``meta``: JSON-serialisable facts (model, language, dtype, ...).
-
-    While ``record`` is running the object reads the live (device) accumulators on access.
+    The three numbers are read-only properties (``record`` yields a subclass whose values
+    follow the recording).
     """
 
     def __init__(
@@ -81,10 +82,12 @@ class ActivationStats:
         n_tokens = _as_int(n_tokens, "n_tokens")
         if over_zero.numel():
             lo, hi = int(over_zero.min()), int(over_zero.max())
-            if lo < 0 or hi > n_tokens:
+            if lo < 0:
+                raise ValueError(f"over_zero has negative counts (min {lo}); counts lie in [0, n_tokens={n_tokens}]")
+            if hi > n_tokens:
                 raise ValueError(
-                    f"over_zero values must lie in [0, n_tokens={n_tokens}], got [{lo}, {hi}] "
-                    "(counts and token total from different runs?)"
+                    f"over_zero has counts above n_tokens={n_tokens} (max {hi}): counts and token total must "
+                    "come from the same tokens (different runs?)"
                 )
         if meta is None:
             meta = {}
@@ -94,27 +97,17 @@ class ActivationStats:
         self._act_sum = act_sum
         self._n_tokens = n_tokens
         self.meta = dict(meta)
-        self._live: Optional[Tuple[Any, int]] = None
-
-    # -- live view while recording ---------------------------------------------------------
-    def _sync(self) -> None:
-        if self._live is not None:
-            recorder, k = self._live
-            self._over_zero, self._act_sum, self._n_tokens = recorder.snapshot(k)
 
     @property
     def over_zero(self) -> torch.Tensor:
-        self._sync()
         return self._over_zero
 
     @property
     def act_sum(self) -> Optional[torch.Tensor]:
-        self._sync()
         return self._act_sum
 
     @property
     def n_tokens(self) -> int:
-        self._sync()
         return self._n_tokens
 
     @property
@@ -154,19 +147,10 @@ class ActivationStats:
         return (act_sum / n).to(torch.float32)
 
     # -- combining shards ----------------------------------------------------------------------
-    def _check_compatible(self, other: "ActivationStats") -> None:
+    def __add__(self, other: "ActivationStats") -> "ActivationStats":
         if not isinstance(other, ActivationStats):
             raise TypeError(f"can only add ActivationStats to ActivationStats, got {type(other).__name__}")
-        if self.shape != other.shape:
-            a, b = self.shape, other.shape
-            what = "layer counts" if a[0] != b[0] else "intermediate sizes"
-            raise ValueError(
-                f"cannot add ActivationStats with different {what}: [layers, intermediate] = {list(a)} vs {list(b)} "
-                "(stats of different models?)"
-            )
-
-    def __add__(self, other: "ActivationStats") -> "ActivationStats":
-        self._check_compatible(other)
+        check_same_shape({"left": self, "right": other}, "add")
         act_sum = None if self.act_sum is None or other.act_sum is None else self.act_sum + other.act_sum
         # meta: keep what both shards agree on (a key only one side has is kept too)
         meta = dict(other.meta)
@@ -182,11 +166,11 @@ class ActivationStats:
         return NotImplemented
 
     @classmethod
-    def merge(cls, shards: Iterable["ActivationStats"]) -> "ActivationStats":
-        """Sum of shards (e.g. collected by several processes)."""
+    def sum(cls, shards: Iterable["ActivationStats"]) -> "ActivationStats":
+        """Sum of shards (e.g. collected by several processes): counts, sums and token totals add."""
         shards = list(shards)
         if not shards:
-            raise ValueError("merge needs at least one ActivationStats")
+            raise ValueError("ActivationStats.sum needs at least one ActivationStats")
         out = shards[0]
         for s in shards[1:]:
             out = out + s
@@ -262,6 +246,24 @@ class ActivationStats:
         return cls(over_zero, act_sum, int(md["n_tokens"]), json.loads(md.get("meta", "{}")))
 
 
+def check_same_shape(stats: Mapping[str, ActivationStats], action: str) -> Tuple[int, int]:
+    """The rule for combining statistics (adding shards, identifying across languages): every
+    entry has the same ``[layers, intermediate]`` shape. Returns that shape."""
+    items = list(stats.items())
+    if not items:
+        raise ValueError(f"cannot {action} an empty collection of ActivationStats")
+    first_name, first = items[0]
+    for name, other in items[1:]:
+        if other.shape != first.shape:
+            a, b = first.shape, other.shape
+            what = "layer counts" if a[0] != b[0] else "intermediate sizes"
+            raise ValueError(
+                f"cannot {action} ActivationStats with different {what}: [layers, intermediate] = {list(a)} vs "
+                f"{list(b)} ({first_name!r} vs {name!r}: shapes differ; stats of different models?)"
+            )
+    return first.shape
+
+
 def safe_file_stem(lang: str, index: int) -> str:
     """A file name stem for ``lang`` (its own name when that is a safe file name)."""
     if re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", lang) and lang not in (".", ".."):
@@ -272,16 +274,15 @@ def safe_file_stem(lang: str, index: int) -> str:
 class StatsByLanguage(dict):
     """``language -> ActivationStats``, in the order of ``languages``.
 
-    While recording, ``set_batch_languages(ids)`` says which language each sequence (``[B]``)
-    or token (``[B, S]``) of the following forwards belongs to: ints indexing ``languages`` or
-    language names; -1 (or None) = not counted.
+    ``record(model, languages)`` yields a subclass on which ``set_batch_languages(ids)`` says
+    which language each sequence (``[B]``) or token (``[B, S]``) of the following forwards
+    belongs to; on stored statistics it is an error.
     """
 
     def __init__(self, languages: Sequence[str], stats: Optional[Dict[str, ActivationStats]] = None) -> None:
         languages = check_languages(languages)
         super().__init__()
         self.languages: List[str] = languages
-        self._recorder: Optional[Any] = None
         if stats is not None:
             missing = [l for l in languages if l not in stats]
             extra = [l for l in stats if l not in languages]
@@ -293,9 +294,8 @@ class StatsByLanguage(dict):
                 self[lang] = stats[lang]
 
     def set_batch_languages(self, ids: Any) -> None:
-        if self._recorder is None:
-            raise RuntimeError("set_batch_languages only works inside `with record(model, languages) as stats:`")
-        self._recorder.set_batch_languages(ids)
+        """Only while recording (see ``record``): these statistics are no longer collected."""
+        raise RuntimeError("set_batch_languages only works inside `with record(model, languages) as stats:`")
 
     def __add__(self, other: "StatsByLanguage") -> "StatsByLanguage":
         if not isinstance(other, StatsByLanguage):

@@ -70,7 +70,8 @@ def test_unsorted_is_sorted_with_note():
     ({"a": [[1], [2]]}, 3, 10, ValueError, "2 layers, expected num_layers=3"),
     ({"a": torch.tensor([1, 2])}, 1, 10, TypeError, "one index tensor per layer"),
     ({"a": ["12"]}, 1, 10, TypeError, "expected a 1-D integer tensor"),
-    ({3: [[1]]}, 1, 10, ValueError, "non-empty strings"),
+    ({3: [[1]]}, 1, 10, TypeError, "non-empty strings"),
+    ({"": [[1]]}, 1, 10, ValueError, "non-empty strings"),
     ({"a": [[1]]}, 0, 10, ValueError, "num_layers"),
     ({"a": [[1]]}, 1, 0, ValueError, "intermediate_size"),
     ([[[1]]], 1, 10, TypeError, "mapping"),
@@ -134,7 +135,7 @@ def test_validate_shapes_and_configs():
         ns.validate(LlamaConfig(), num_layers=3)
     loose = NeuronSet({"a": [[0], [9], []]}, 3, None)
     loose.validate(num_layers=3, intermediate_size=10)
-    with pytest.raises(ValueError, match="index 9 out of range for intermediate_size 8"):
+    with pytest.raises(ValueError, match=r"a layer 1: index 9 out of range \[0, 8\)"):
         loose.validate(intermediate_size=8)
     g3 = Gemma3Config()
     L, I = g3.text_config.num_hidden_layers, g3.text_config.intermediate_size

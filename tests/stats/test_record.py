@@ -43,7 +43,7 @@ def test_counts_match_hook_reference(family, dtype, padding):
     stats = _record(model, ids, mask)
     _assert_matches(stats, ref)
     assert stats.n_tokens == int(mask.sum())
-    assert stats.over_zero.device.type == "cpu" and stats._live is None
+    assert stats.over_zero.device.type == "cpu" and not stats.recording
     assert not patching.is_patched(model)  # record patched it, so record unpatched it
     p = stats.activation_probability()
     assert 0 < float(p.mean()) < 1 and bool((p > 0.9).any()) and bool((p < 0.1).any())  # non-trivial counts
@@ -260,7 +260,7 @@ def test_two_forwards_accumulate_and_add_of_shards_equals_one_pass():
     with torch.no_grad(), record(model) as both:
         model(input_ids=ids_a, attention_mask=mask_a)
         model(input_ids=ids_b, attention_mask=mask_b)
-    assert (a + b).equal(both) and sum([a, b]).equal(both) and ActivationStats.merge([a, b]).equal(both)
+    assert (a + b).equal(both) and sum([a, b]).equal(both) and ActivationStats.sum([a, b]).equal(both)
     one_batch = _record(model, torch.cat([ids_a, ids_b]), torch.cat([mask_a, mask_b]))
     assert torch.equal(one_batch.over_zero, both.over_zero) and one_batch.n_tokens == both.n_tokens
     torch.testing.assert_close(one_batch.act_sum, both.act_sum, rtol=1e-9, atol=1e-5)
@@ -345,7 +345,7 @@ def test_add_mismatched_shards_errors():
     with pytest.raises(TypeError, match="can only add ActivationStats"):
         a + {"n": 1}
     with pytest.raises(ValueError, match="at least one"):
-        ActivationStats.merge([])
+        ActivationStats.sum([])
     c = a + _random_stats(seed=1, meta={"language": "en"})
     assert "language" not in c.meta  # conflicting meta is dropped, not guessed
     half = ActivationStats.from_lape_dict(a.to_lape_dict())

@@ -3,17 +3,18 @@ LAPE ablation), through the patched forward; the weights are never touched."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import patching
-from .neuron_set import NeuronSet, PerLayer, _as_index_tensor
+from ..introspection import mlp_shape
+from .neuron_set import NeuronSet, PerLayer, check_layer_indices
 
 __all__ = ["deactivate"]
 
 
-def _resolve_neurons(neurons: Any) -> Tuple[PerLayer, Optional[NeuronSet]]:
+def _resolve_neurons(neurons: Any) -> Tuple[Sequence[Any], Optional[NeuronSet]]:
     if isinstance(neurons, tuple) and len(neurons) == 2 and isinstance(neurons[0], NeuronSet):
         ns, lang = neurons
         return ns.select(lang), ns
@@ -22,7 +23,21 @@ def _resolve_neurons(neurons: Any) -> Tuple[PerLayer, Optional[NeuronSet]]:
     if isinstance(neurons, (torch.Tensor, str)) or not isinstance(neurons, Sequence):
         raise TypeError(f"neurons must be a per-layer list of index tensors or (NeuronSet, language), "
                         f"got {type(neurons).__name__}")
-    return [_as_index_tensor(t, f"neurons[layer {li}]") for li, t in enumerate(neurons)], None
+    return neurons, None
+
+
+def _checked_indices(model: torch.nn.Module, neurons: Any) -> PerLayer:
+    """Per-layer sorted CPU indices of ``neurons``, checked against the model's MLPs (before
+    anything is changed)."""
+    per_layer, ns = _resolve_neurons(neurons)
+    shape = mlp_shape(model)
+    if len(per_layer) != shape.num_layers:
+        raise ValueError(f"neurons cover {len(per_layer)} layers, the model has {shape.num_layers} MLPs")
+    if ns is not None and ns.intermediate_size not in (None, shape.intermediate_size):
+        raise ValueError(f"neuron set was made for intermediate_size {ns.intermediate_size}, "
+                         f"the model's MLPs have {shape.intermediate_size}")
+    return [check_layer_indices(t, f"neurons[layer {li}]", shape.intermediate_size)[0]
+            for li, t in enumerate(per_layer)]
 
 
 @contextlib.contextmanager
@@ -33,32 +48,22 @@ def deactivate(model: torch.nn.Module, neurons: Any):
     ``(NeuronSet, language)``. Sets ``mlp._lape.deactivated`` on each patched MLP and restores
     the previous value on exit, also on an exception. Inside another ``deactivate`` block the
     neurons add to those already deactivated. An unpatched model is patched for the duration
-    and unpatched afterwards.
+    and unpatched afterwards; bad neurons are an error before the model is changed.
     """
-    per_layer, ns = _resolve_neurons(neurons)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"deactivate expects a torch.nn.Module, got {type(model).__name__}")
+    per_layer = _checked_indices(model, neurons)
     was_patched = patching.is_patched(model)
     if not was_patched:
         patching.patch_mlps(model)
     try:
         mlps = patching.patched_mlps(model)
-        if len(per_layer) != len(mlps):
-            raise ValueError(f"neurons cover {len(per_layer)} layers, the model has {len(mlps)} MLPs")
-        new = []
-        for li, (mlp, idx) in enumerate(zip(mlps, per_layer)):
-            inter = patching.weights(mlp)[0].shape[0]
-            if ns is not None and ns.intermediate_size not in (None, inter):
-                raise ValueError(f"neuron set was made for intermediate_size {ns.intermediate_size}, "
-                                 f"layer {li} of the model has {inter}")
-            idx = torch.unique(idx, sorted=True) if idx.numel() else idx
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= inter):
-                raise ValueError(f"layer {li}: index out of range [0, {inter}): "
-                                 f"{int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])}")
-            prev = mlp._lape.deactivated
+        saved = [mlp._lape.deactivated for mlp in mlps]
+        new: List[Optional[torch.Tensor]] = []
+        for mlp, idx, prev in zip(mlps, per_layer, saved):
             if prev is not None and prev.numel():
                 idx = torch.unique(torch.cat([prev.detach().cpu().long(), idx]), sorted=True)
-            device = patching.weights(mlp)[0].device
-            new.append(idx.to(device) if idx.numel() else prev)
-        saved = [mlp._lape.deactivated for mlp in mlps]
+            new.append(idx.to(patching.weights(mlp)[0].device) if idx.numel() else prev)
         try:
             for mlp, idx in zip(mlps, new):
                 mlp._lape.deactivated = idx
