@@ -9,7 +9,13 @@ from torch import nn
 
 from .patching import patch_mlps, unpatch
 from .training.loss import install_chunked_loss
-from .training.sparse_mlp import RECOMPUTE_MODES, has_trainable_neurons, set_recompute, set_trainable_neurons
+from .training.sparse_mlp import (
+    RECOMPUTE_MODES,
+    has_trainable_neurons,
+    select_neurons,
+    set_recompute,
+    set_trainable_neurons,
+)
 
 __all__ = ["patch", "unpatch"]
 
@@ -30,14 +36,19 @@ def patch(
     ``recompute`` ("none", "up" or "gate_up"; sparse training only) makes the sparse MLPs
     recompute those projections in backward instead of keeping them: less activation memory, one
     or two more GEMMs per layer.
+
+    The arguments are checked before the model changes: a bad ``neurons`` or ``recompute``
+    leaves an unpatched model unpatched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
-    if recompute is not None:  # checked before any change to the model
+    if recompute is not None:
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
         if neurons is None and not has_trainable_neurons(model):
             raise ValueError("recompute applies to sparse neuron training: pass neurons= as well")
+    if neurons is not None:
+        select_neurons(model, neurons, language)  # raises on a bad selection, before any change
     patch_mlps(model)
     if chunked_loss:
         install_chunked_loss(model)

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from .. import patching
+from ..dtypes import FLOAT_DTYPES, dtype_name
+from ..introspection import mlp_shape, text_config
+from ..neurons.neuron_set import check_layer_indices
 from .loss import install_chunked_loss
 from .sparse_mlp import INDEX_NAME, PARAM_NAMES, has_trainable_neurons, set_trainable_neurons
 
@@ -25,7 +28,6 @@ CONFIG_NAME = "lape_config.json"
 FORMAT = "lape_neurons"
 FORMAT_VERSION = 1
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KEYS = {"index": INDEX_NAME, "gate_rows": PARAM_NAMES[0], "up_rows": PARAM_NAMES[1], "down_cols": PARAM_NAMES[2]}
 
 
@@ -38,15 +40,12 @@ def _require_trained(model: nn.Module, what: str) -> None:
         raise RuntimeError(f"{what}: the model has no trainable neurons (use lape_kernels.patch(model, neurons=...))")
 
 
-def _shape_info(model: nn.Module) -> Dict[str, Any]:
-    cfg = patching.text_config(model)
-    mlps = patching.patched_mlps(model)
-    wg, _, _ = patching.weights(mlps[0])
+def _model_info(model: nn.Module) -> Dict[str, Any]:
+    """What a saved-neurons directory records about its model (and is checked on load)."""
+    cfg = text_config(model)
     return {
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
-        "num_layers": len(mlps),
-        "hidden_size": int(wg.shape[1]),
-        "intermediate_size": int(wg.shape[0]),
+        **mlp_shape(model)._asdict(),
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
     }
 
@@ -58,7 +57,7 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
     _require_trained(model, "save_neurons")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    info = _shape_info(model)
+    info = _model_info(model)
     tensors: Dict[str, torch.Tensor] = {}
     counts: List[int] = []
     dtype = None
@@ -78,7 +77,7 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **info,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "counts": counts,
         "total_neurons": sum(counts),
         "language": model._lape_sparse.get("language"),
@@ -139,7 +138,7 @@ def load_neurons(model: nn.Module, path: Union[str, Path]) -> nn.Module:
 
 
 def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
-    info = _shape_info(model)
+    info = _model_info(model)
     for key in ("num_layers", "hidden_size", "intermediate_size"):
         if config[key] != info[key]:
             raise NeuronFileError(f"{path}: {key} mismatch: file has {config[key]}, model has {info[key]}")
@@ -147,9 +146,9 @@ def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict
     L, H, I = info["num_layers"], info["hidden_size"], info["intermediate_size"]
     if not isinstance(counts, list) or len(counts) != L or not all(isinstance(c, int) and c >= 0 for c in counts):
         raise NeuronFileError(f"{path}: 'counts' must list {L} non-negative ints, got {counts!r}")
-    dtype = _DTYPES.get(config["dtype"])
+    dtype = FLOAT_DTYPES.get(config["dtype"])
     if dtype is None:
-        raise NeuronFileError(f"{path}: unsupported dtype {config['dtype']!r} (one of {sorted(_DTYPES)})")
+        raise NeuronFileError(f"{path}: unsupported dtype {config['dtype']!r} (one of {sorted(FLOAT_DTYPES)})")
     expected = {f"layers.{li}.{key}" for li, c in enumerate(counts) if c for key in _KEYS}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -169,8 +168,12 @@ def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict
             want = torch.int64 if key == "index" else dtype
             if t.dtype != want:
                 raise NeuronFileError(f"{path}: layers.{li}.{key} has dtype {t.dtype}, expected {want}")
-        if int(idx.min()) < 0 or int(idx.max()) >= I or (k > 1 and not bool((idx[1:] > idx[:-1]).all())):
-            raise NeuronFileError(f"{path}: layers.{li}.index must be sorted unique indices in [0, {I})")
+        try:
+            _, was_sorted = check_layer_indices(idx, f"layers.{li}.index", I, int64_tensor=True)
+            if not was_sorted:
+                raise ValueError(f"layers.{li}.index is not sorted")
+        except (TypeError, ValueError) as exc:
+            raise NeuronFileError(f"{path}: layers.{li}.index must be sorted unique indices in [0, {I}) ({exc})") from None
         indices.append(idx)
         values.append(tuple(tensors[f"layers.{li}.{key}"] for key in ("gate_rows", "up_rows", "down_cols")))
     set_trainable_neurons(model, indices)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..patching import add_cleanup
+from ..patching import add_cleanup, drop_cleanup
+from ._autograd import per_device_function
 
 _CLEANUP = "chunked_loss"
 
@@ -50,92 +51,76 @@ def default_chunk_size(num_tokens: int, vocab: int, device_type: str = "cpu") ->
     return max(1, min(c, max(num_tokens, 1)))
 
 
-def _make_function(device_type: str):
-    class ChunkedLMLoss(torch.autograd.Function):
-        """sum over valid tokens of CE(lm_head(hidden)), times ``scale``; gradients computed in
-        the forward pass, chunk by chunk, and only scaled in backward."""
-
-        @staticmethod
-        @torch.amp.custom_fwd(device_type=device_type)
-        def forward(ctx, hidden, weight, bias, targets, scale, softcap, chunk_size, ignore_index, grad_enabled):
-            N = hidden.shape[0]
-            # needs_input_grad is True under no_grad too: an evaluation must not pay for gradients
-            need_h, need_w, need_b = (grad_enabled and ctx.needs_input_grad[i] for i in range(3))
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-            any_grad = need_h or need_w or need_b
-            for s in range(0, N, chunk_size):
-                h = hidden[s : s + chunk_size]
-                t = targets[s : s + chunk_size]
-                logits = F.linear(h, weight, bias)
-                capped = None
-                if softcap is not None:
-                    # same op order and dtype as the HF models (Gemma 2 / 3)
-                    logits = torch.tanh(logits / softcap)
-                    capped = logits
-                    logits = logits * softcap
-                ldt = logits.dtype
-                lf = logits.float()  # the same tensor when logits are fp32
-                del logits
-                valid = t != ignore_index
-                tt = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
-                # logsumexp by hand, in place: no second [chunk, vocab] buffer
-                m = lf.amax(dim=1, keepdim=True)
-                picked = lf.gather(1, tt)
-                e = lf.sub_(m).exp_()
-                z = e.sum(dim=1, keepdim=True)
-                lse = z.log() + m
-                total = total + torch.where(valid, (lse - picked).squeeze(1), torch.zeros_like(t, dtype=lse.dtype)).sum()
-                if not any_grad:
-                    continue
-                # d loss / d logits = (softmax - onehot) * scale on valid rows
-                p = e.div_(z)
-                vf = valid.to(p.dtype).unsqueeze(1)
-                p.scatter_add_(1, tt, -vf)
-                p.mul_(vf * scale)
-                dl = p.to(ldt)
-                del p, e, lf
-                if softcap is not None:  # tanh backward, in HF's op order and dtype
-                    dl = dl.mul_(softcap).mul_(1 - capped * capped).div_(softcap)
-                if need_h:
-                    grad_h[s : s + chunk_size] = torch.matmul(dl, weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += torch.matmul(dl.t(), h).float()
-                if need_b:
-                    grad_b += dl.float().sum(0)
-            loss = total * scale
-            ctx.save_for_backward(
-                grad_h if need_h else None,
-                grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None,
-            )
-            return loss
-
-        @staticmethod
-        @torch.amp.custom_bwd(device_type=device_type)
-        def backward(ctx, dloss):
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            scale = dloss.to(torch.float32)
-            gh = (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None
-            gw = (grad_w * scale).to(grad_w.dtype) if grad_w is not None else None
-            gb = (grad_b * scale).to(grad_b.dtype) if grad_b is not None else None
-            return gh, gw, gb, None, None, None, None, None, None
-
-    ChunkedLMLoss.__name__ = ChunkedLMLoss.__qualname__ = f"ChunkedLMLoss_{device_type}"
-    return ChunkedLMLoss
+def _chunked_loss_forward(ctx, hidden, weight, bias, targets, scale, softcap, chunk_size, ignore_index, grad_enabled):
+    """sum over valid tokens of CE(lm_head(hidden)), times ``scale``; gradients computed in
+    the forward pass, chunk by chunk, and only scaled in backward."""
+    N = hidden.shape[0]
+    # needs_input_grad is True under no_grad too: an evaluation must not pay for gradients
+    need_h, need_w, need_b = (grad_enabled and ctx.needs_input_grad[i] for i in range(3))
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    any_grad = need_h or need_w or need_b
+    for s in range(0, N, chunk_size):
+        h = hidden[s : s + chunk_size]
+        t = targets[s : s + chunk_size]
+        logits = F.linear(h, weight, bias)
+        capped = None
+        if softcap is not None:
+            # same op order and dtype as the HF models (Gemma 2 / 3)
+            logits = torch.tanh(logits / softcap)
+            capped = logits
+            logits = logits * softcap
+        ldt = logits.dtype
+        lf = logits.float()  # the same tensor when logits are fp32
+        del logits
+        valid = t != ignore_index
+        tt = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
+        # logsumexp by hand, in place: no second [chunk, vocab] buffer
+        m = lf.amax(dim=1, keepdim=True)
+        picked = lf.gather(1, tt)
+        e = lf.sub_(m).exp_()
+        z = e.sum(dim=1, keepdim=True)
+        lse = z.log() + m
+        total = total + torch.where(valid, (lse - picked).squeeze(1), torch.zeros_like(t, dtype=lse.dtype)).sum()
+        if not any_grad:
+            continue
+        # d loss / d logits = (softmax - onehot) * scale on valid rows
+        p = e.div_(z)
+        vf = valid.to(p.dtype).unsqueeze(1)
+        p.scatter_add_(1, tt, -vf)
+        p.mul_(vf * scale)
+        dl = p.to(ldt)
+        del p, e, lf
+        if softcap is not None:  # tanh backward, in HF's op order and dtype
+            dl = dl.mul_(softcap).mul_(1 - capped * capped).div_(softcap)
+        if need_h:
+            grad_h[s : s + chunk_size] = torch.matmul(dl, weight).to(hidden.dtype)
+        if need_w:
+            grad_w += torch.matmul(dl.t(), h).float()
+        if need_b:
+            grad_b += dl.float().sum(0)
+    loss = total * scale
+    ctx.save_for_backward(
+        grad_h if need_h else None,
+        grad_w.to(weight.dtype) if need_w else None,
+        grad_b.to(bias.dtype) if need_b else None,
+    )
+    return loss
 
 
-# created up front: dynamo cannot trace a class statement inside a compiled region
-_FUNCTIONS: dict = {d: _make_function(d) for d in ("cpu", "cuda")}
+def _chunked_loss_backward(ctx, dloss):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    scale = dloss.to(torch.float32)
+    gh = (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None
+    gw = (grad_w * scale).to(grad_w.dtype) if grad_w is not None else None
+    gb = (grad_b * scale).to(grad_b.dtype) if grad_b is not None else None
+    return gh, gw, gb, None, None, None, None, None, None
 
 
-def _function_for(device_type: str):
-    fn = _FUNCTIONS.get(device_type)
-    if fn is None:
-        fn = _FUNCTIONS[device_type] = _make_function(device_type)
-    return fn
+#: the chunked loss's autograd.Function for a device type (``ChunkedLMLoss_cpu``, ...)
+_function_for = per_device_function("ChunkedLMLoss", _chunked_loss_forward, _chunked_loss_backward)
 
 
 def chunked_causal_lm_loss(
@@ -292,5 +277,5 @@ def uninstall_chunked_loss(model: nn.Module) -> nn.Module:
     if has_chunked_loss(model):
         del model.forward
     model.__dict__.pop("_lape_loss_chunk_size", None)
-    model.__dict__.get("_lape_cleanups", {}).pop(_CLEANUP, None)
+    drop_cleanup(model, _CLEANUP)
     return model

@@ -11,19 +11,22 @@ clones the full weight each step and gets a dense gradient). See docs/ARCHITECTU
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import patching
-from ..introspection import decoder_layers
+from ..introspection import decoder_layers, mlp_shape
+from ..neurons.neuron_set import check_layer_indices
+from ._autograd import per_device_function
 
 _CLEANUP = "sparse_neurons"
 
 __all__ = [
     "SparseState",
+    "select_neurons",
     "set_trainable_neurons",
     "clear_trainable_neurons",
     "sparse_mlp_forward",
@@ -87,75 +90,59 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], p: tor
     return out
 
 
-def _make_function(device_type: str):
-    class SparseMLPFunction(torch.autograd.Function):
-        """y = down(act(gate(x)) * up(x)) with rows ``sel`` of gate/up and columns ``sel`` of down
-        replaced by the trainable slices; gradients only for x and the slices."""
-
-        @staticmethod
-        @torch.amp.custom_fwd(device_type=device_type)
-        def forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation, recompute):
-            ops = _ops()
-            cdt = _compute_dtype(x)
-            # The small trainable slices may be kept in a wider dtype (fp32 master slices);
-            # casting them is cheap ([k, H]). The big weights go through F.linear as they are
-            # (autocast casts them exactly as it does for the unpatched model).
-            pdc = pd.to(cdt)
-            gate = _project(x, wg, bg, pg, sel, cdt)
-            up = _project(x, wu, bu, pu, sel, cdt)
-            h0, hs = ops.act_mul_split(gate, up, activation, sel)
-            y = F.linear(h0, wd, bd)
-            y = y + F.linear(hs, pdc).to(y.dtype)
-            # Saved: x and, unless recomputed in backward, gate and up ([T, I] each: the bulk of
-            # a sparse step's activation memory); h is recomputed by act_mul_backward_split. The
-            # weights are references, not copies.
-            ctx.save_for_backward(x, gate if recompute != "gate_up" else None, up if recompute == "none" else None,
-                                  wg, wu, wd, bg, bu, pg, pu, pd, sel)
-            ctx.activation = activation
-            return y
-
-        @staticmethod
-        @torch.amp.custom_bwd(device_type=device_type)
-        def backward(ctx, dy):
-            ops = _ops()
-            x, gate, up, wg, wu, wd, bg, bu, pg, pu, pd, sel = ctx.saved_tensors
-            cdt = _compute_dtype(x)
-            # recomputation repeats the forward's ops on the same inputs under the same autocast
-            # state (custom_bwd), so it reproduces gate/up exactly
-            if gate is None:
-                gate = _project(x, wg, bg, pg, sel, cdt)
-            if up is None:
-                up = _project(x, wu, bu, pu, sel, cdt)
-            cdt = gate.dtype
-            pgc, puc, pdc = pg.to(cdt), pu.to(cdt), pd.to(cdt)
-            dy = dy.reshape(-1, dy.shape[-1])
-            dh = torch.matmul(dy, wd).to(cdt)  # [T, I]; columns sel are replaced below
-            dhs = torch.matmul(dy.to(cdt), pdc).to(cdt)  # [T, k]
-            dgate, dup, dgate_s, dup_s, hs = ops.act_mul_backward_split(dh, dhs, gate, up, ctx.activation, sel)
-            del dh, gate, up
-            dx = None
-            if ctx.needs_input_grad[0]:
-                dx = torch.matmul(dgate, wg) + torch.matmul(dup, wu)
-                dx = dx + torch.matmul(dgate_s, pgc).to(dx.dtype) + torch.matmul(dup_s, puc).to(dx.dtype)
-                dx = dx.to(x.dtype)
-            dpg = torch.matmul(dgate_s.t(), x.to(cdt)).to(pg.dtype) if ctx.needs_input_grad[7] else None
-            dpu = torch.matmul(dup_s.t(), x.to(cdt)).to(pu.dtype) if ctx.needs_input_grad[8] else None
-            dpd = torch.matmul(dy.t().to(cdt), hs).to(pd.dtype) if ctx.needs_input_grad[9] else None
-            return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None, None
-
-    SparseMLPFunction.__name__ = SparseMLPFunction.__qualname__ = f"SparseMLPFunction_{device_type}"
-    return SparseMLPFunction
+def _sparse_mlp_forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation, recompute):
+    """y = down(act(gate(x)) * up(x)) with rows ``sel`` of gate/up and columns ``sel`` of down
+    replaced by the trainable slices; gradients only for x and the slices."""
+    ops = _ops()
+    cdt = _compute_dtype(x)
+    # The small trainable slices may be kept in a wider dtype (fp32 master slices);
+    # casting them is cheap ([k, H]). The big weights go through F.linear as they are
+    # (autocast casts them exactly as it does for the unpatched model).
+    pdc = pd.to(cdt)
+    gate = _project(x, wg, bg, pg, sel, cdt)
+    up = _project(x, wu, bu, pu, sel, cdt)
+    h0, hs = ops.act_mul_split(gate, up, activation, sel)
+    y = F.linear(h0, wd, bd)
+    y = y + F.linear(hs, pdc).to(y.dtype)
+    # Saved: x and, unless recomputed in backward, gate and up ([T, I] each: the bulk of
+    # a sparse step's activation memory); h is recomputed by act_mul_backward_split. The
+    # weights are references, not copies.
+    ctx.save_for_backward(x, gate if recompute != "gate_up" else None, up if recompute == "none" else None,
+                          wg, wu, wd, bg, bu, pg, pu, pd, sel)
+    ctx.activation = activation
+    return y
 
 
-# created up front: dynamo cannot trace a class statement inside a compiled region
-_FUNCTIONS: Dict[str, type] = {d: _make_function(d) for d in ("cpu", "cuda")}
+def _sparse_mlp_backward(ctx, dy):
+    ops = _ops()
+    x, gate, up, wg, wu, wd, bg, bu, pg, pu, pd, sel = ctx.saved_tensors
+    cdt = _compute_dtype(x)
+    # recomputation repeats the forward's ops on the same inputs under the same autocast
+    # state (custom_bwd), so it reproduces gate/up exactly
+    if gate is None:
+        gate = _project(x, wg, bg, pg, sel, cdt)
+    if up is None:
+        up = _project(x, wu, bu, pu, sel, cdt)
+    cdt = gate.dtype
+    pgc, puc, pdc = pg.to(cdt), pu.to(cdt), pd.to(cdt)
+    dy = dy.reshape(-1, dy.shape[-1])
+    dh = torch.matmul(dy, wd).to(cdt)  # [T, I]; columns sel are replaced below
+    dhs = torch.matmul(dy.to(cdt), pdc).to(cdt)  # [T, k]
+    dgate, dup, dgate_s, dup_s, hs = ops.act_mul_backward_split(dh, dhs, gate, up, ctx.activation, sel)
+    del dh, gate, up
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.matmul(dgate, wg) + torch.matmul(dup, wu)
+        dx = dx + torch.matmul(dgate_s, pgc).to(dx.dtype) + torch.matmul(dup_s, puc).to(dx.dtype)
+        dx = dx.to(x.dtype)
+    dpg = torch.matmul(dgate_s.t(), x.to(cdt)).to(pg.dtype) if ctx.needs_input_grad[7] else None
+    dpu = torch.matmul(dup_s.t(), x.to(cdt)).to(pu.dtype) if ctx.needs_input_grad[8] else None
+    dpd = torch.matmul(dy.t().to(cdt), hs).to(pd.dtype) if ctx.needs_input_grad[9] else None
+    return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None, None
 
 
-def _function_for(device_type: str):
-    fn = _FUNCTIONS.get(device_type)
-    if fn is None:
-        fn = _FUNCTIONS[device_type] = _make_function(device_type)
-    return fn
+#: the sparse MLP's autograd.Function for a device type (``SparseMLPFunction_cpu``, ...)
+_function_for = per_device_function("SparseMLPFunction", _sparse_mlp_forward, _sparse_mlp_backward)
 
 
 def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
@@ -182,12 +169,7 @@ def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- set / clear
 
 
-def _model_shape(model: nn.Module):
-    mlps = patching.patched_mlps(model)
-    return len(mlps), patching.weights(mlps[0])[0].shape[0]
-
-
-def _resolve(model: nn.Module, neurons: Any, language: Optional[str], num_layers: int) -> List[Any]:
+def _per_layer(model: nn.Module, neurons: Any, language: Optional[str]) -> List[Any]:
     if isinstance(neurons, (list, tuple)):
         if language is not None:
             raise ValueError("language= is only meaningful with a NeuronSet; got a per-layer list")
@@ -208,25 +190,26 @@ def _resolve(model: nn.Module, neurons: Any, language: Optional[str], num_layers
     return list(neurons[language])
 
 
-def _validate_layer(t: Any, li: int, intermediate: int) -> torch.Tensor:
-    where = f"neurons[layer {li}]"
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{where} must be a torch.Tensor of int64 indices, got {type(t).__name__}")
-    if t.dtype != torch.int64:
-        raise TypeError(f"{where} must be int64 (torch.long), got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{where} must be 1-D, got shape {tuple(t.shape)}")
-    t = t.detach().cpu()
-    if t.numel():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= intermediate:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{where}: index {bad} out of range [0, {intermediate})")
-        t = torch.sort(t).values
-        dup = t[1:][t[1:] == t[:-1]]
-        if dup.numel():
-            raise ValueError(f"{where}: duplicate index {int(dup[0])}")
-    return t
+def select_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None) -> List[torch.Tensor]:
+    """The per-layer sorted int64 CPU indices ``neurons`` selects, checked against the model's
+    MLP weights (patched or not; nothing is changed, so ``patch`` checks before it patches).
+
+    ``neurons``: per-layer list (one entry per decoder layer) of int64 index tensors, or a
+    NeuronSet with ``language``. Selecting no neuron at all is an error.
+    """
+    shape = mlp_shape(model)
+    per_layer = _per_layer(model, neurons, language)
+    if len(per_layer) != shape.num_layers:
+        raise ValueError(f"neurons has {len(per_layer)} layers, the model has {shape.num_layers} decoder layers")
+    indices = [check_layer_indices(t, f"neurons[layer {li}]", shape.intermediate_size, int64_tensor=True)[0]
+               for li, t in enumerate(per_layer)]
+    if not any(t.numel() for t in indices):
+        which = f" for language {language!r}" if language is not None else ""
+        raise ValueError(
+            f"neurons selects no neuron in any layer{which}: nothing would be trained (a LAPE set is empty when "
+            "too few tokens per language were counted or top_rate is too small)"
+        )
+    return indices
 
 
 def _check_recompute(recompute: str) -> str:
@@ -239,25 +222,15 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
                           recompute: str = "none") -> nn.Module:
     """Make exactly the selected neurons' weights trainable; freeze everything else.
 
-    ``neurons``: per-layer list (one entry per decoder layer) of int64 index tensors, or a
-    NeuronSet with ``language``. The model must be patched (``lape_kernels.patch`` calls this).
-    Calling it again replaces the previous selection (its trained values are discarded).
-    ``recompute`` trades activation memory for time (see ``RECOMPUTE_MODES``).
+    ``neurons``: what :func:`select_neurons` takes. The model must be patched
+    (``lape_kernels.patch`` calls this). Calling it again replaces the previous selection (its
+    trained values are discarded). ``recompute`` trades activation memory for time (see
+    ``RECOMPUTE_MODES``). Everything is checked before the model changes.
     """
     _check_recompute(recompute)
     if not patching.is_patched(model):
         raise RuntimeError("set_trainable_neurons needs a patched model: use lape_kernels.patch(model, neurons=...)")
-    num_layers, intermediate = _model_shape(model)
-    per_layer = _resolve(model, neurons, language, num_layers)
-    if len(per_layer) != num_layers:
-        raise ValueError(f"neurons has {len(per_layer)} layers, the model has {num_layers} decoder layers")
-    indices = [_validate_layer(t, li, intermediate) for li, t in enumerate(per_layer)]
-    if not any(t.numel() for t in indices):
-        which = f" for language {language!r}" if language is not None else ""
-        raise ValueError(
-            f"neurons selects no neuron in any layer{which}: nothing would be trained (a LAPE set is empty when "
-            "too few tokens per language were counted or top_rate is too small)"
-        )
+    indices = select_neurons(model, neurons, language)
 
     if has_trainable_neurons(model):
         clear_trainable_neurons(model)
@@ -300,7 +273,7 @@ def clear_trainable_neurons(model: nn.Module) -> nn.Module:
     info = getattr(model, "_lape_sparse", None)
     if info is None:
         return model
-    model.__dict__.get("_lape_cleanups", {}).pop(_CLEANUP, None)
+    patching.drop_cleanup(model, _CLEANUP)
     _, layers = decoder_layers(model)
     for layer in layers:
         mlp = layer.mlp

@@ -202,3 +202,58 @@ def test_multimodal_gemma3_patches_the_language_model():
     unpatch(model)
     assert torch.equal(_logits(model, ids, mask), expected)
 
+
+# ----------------------------------------------------------------------------- the cleanup protocol
+
+
+def test_cleanups_run_once_newest_first_on_unpatch():
+    model = patch(tiny_model("llama", num_layers=1), chunked_loss=False)
+    ran = []
+    patching.add_cleanup(model, "a", lambda m: ran.append(("a", m)))
+    patching.add_cleanup(model, "b", lambda m: ran.append(("b", m)))
+    patching.add_cleanup(model, "a", lambda m: ran.append(("a2", m)))  # replaces "a" and is now the newest
+    patching.add_cleanup(model, "gone", lambda m: ran.append(("gone", m)))
+    patching.drop_cleanup(model, "gone")  # forgotten, never run
+    patching.drop_cleanup(model, "never-registered")  # no-op
+    unpatch(model)
+    assert ran == [("a2", model), ("b", model)]
+    _assert_unpatched(model)
+    unpatch(model)  # nothing left to run
+    assert len(ran) == 2
+
+
+def test_run_cleanup_runs_now_and_forgets():
+    model = patch(tiny_model("llama", num_layers=1), chunked_loss=False)
+    ran = []
+    patching.add_cleanup(model, "x", lambda m: ran.append("x"))
+    patching.run_cleanup(model, "x")
+    patching.run_cleanup(model, "x")
+    assert ran == ["x"]
+    unpatch(model)
+    assert ran == ["x"]
+
+
+def test_consumers_undo_through_cleanups():
+    """The chunked loss and the trainable slices are removed by unpatch without patching
+    knowing them, and removing one by hand drops its cleanup."""
+    from lape_kernels.training import loss, sparse_mlp
+
+    model = tiny_model("qwen2", num_layers=2)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    patch(model, neurons=[torch.tensor([1, 5]), torch.tensor([0])])
+    assert loss.has_chunked_loss(model) and sparse_mlp.has_trainable_neurons(model)
+    sparse_mlp.clear_trainable_neurons(model)
+    assert list(model.__dict__["_lape_cleanups"]) == ["chunked_loss"]
+    unpatch(model)
+    assert not loss.has_chunked_loss(model) and "forward" not in model.__dict__
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    _assert_unpatched(model)
+
+
+@pytest.mark.parametrize("bad", [[torch.tensor([1])], [torch.tensor([128]), torch.tensor([0])]])
+def test_failed_patch_with_neurons_leaves_the_model_unpatched(bad):
+    model = tiny_model("llama", num_layers=2)
+    with pytest.raises(ValueError):
+        patch(model, neurons=bad)
+    _assert_unpatched(model)
+    assert "forward" not in model.__dict__ and all(p.requires_grad for p in model.parameters())
