@@ -43,12 +43,17 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lape_kernels  # noqa: E402
+from lape_kernels.dtypes import SHORT_DTYPE_NAMES as DTYPES  # noqa: E402
+from lape_kernels.testing import HookCounter, lape_count  # noqa: E402
+
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -222,25 +227,10 @@ def shell(body):
     return copy.deepcopy(body, memo)
 
 
-class HookCounter:
-    """The LAPE reference's approach: a forward hook on each act_fn counting act > 0 per layer."""
-
-    def __init__(self, body):
-        inter = body.config.intermediate_size
-        dev = next(body.parameters()).device
-        self.over_zero = torch.zeros(len(body.layers), inter, dtype=torch.int64, device=dev)
-        self.handles = [layer.mlp.act_fn.register_forward_hook(self._hook(i)) for i, layer in enumerate(body.layers)]
-
-    def _hook(self, index: int):
-        def hook(module, inputs, output):
-            act = output.reshape(-1, output.shape[-1])
-            self.over_zero[index] += (act.float() > 0).sum(0)
-
-        return hook
-
-
 class BenchRecorder:
-    """Minimal recorder (the ``mlp._lape.recorder`` protocol) for the MLP-only section."""
+    """Minimal recorder (the ``lape_kernels.patching.Recorder`` protocol) for the MLP-only section."""
+
+    fused_gemm = False
 
     def __init__(self, inter: int, device):
         self.over_zero = torch.zeros(1, inter, dtype=torch.int64, device=device)
@@ -292,13 +282,11 @@ def suffix(backend: str) -> str:
 
 
 def section_model(args, device, timer, notes: List[str]) -> Dict[str, Result]:
-    import lape_kernels
-    from lape_kernels import patching
-
     body_plain = build_body(args, device)
     body_hooks = shell(body_plain)
     body_patched = shell(body_plain)
-    counter = HookCounter(body_hooks)
+    body_gemm = shell(body_plain)  # recorded with fused_gemm=True
+    counter = HookCounter(body_hooks, with_sum=False)  # the LAPE reference's counting
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, body_plain.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
     mask = torch.ones(args.batch, args.seq, dtype=torch.int64, device=device)
@@ -308,36 +296,26 @@ def section_model(args, device, timer, notes: List[str]) -> Dict[str, Result]:
         "plain": Variant(lambda: body_plain(input_ids=ids)),
         "hooks": Variant(lambda: body_hooks(input_ids=ids)),
     }
-    lape_kernels.patch(body_patched, chunked_loss=False)
-    with torch.no_grad(), lape_kernels.record(body_patched) as stats:
-        recorder = stats._live[0]
-
-        def setup(be: str, fused_gemm: bool = False):
-            select = backend_setup(be)
-
-            def run():
-                if select:
-                    select()
-                recorder.fused_gemm = fused_gemm
-
-            return run
-
+    for body in (body_patched, body_gemm):
+        lape_kernels.patch(body, chunked_loss=False)
+    with torch.no_grad(), lape_kernels.record(body_patched) as stats, \
+            lape_kernels.record(body_gemm, fused_gemm=True) as stats_gemm:
         for be in backends:
-            variants["record" + suffix(be)] = Variant(lambda: body_patched(input_ids=ids), setup(be))
+            variants["record" + suffix(be)] = Variant(lambda: body_patched(input_ids=ids), backend_setup(be))
         variants["record+mask" + suffix(backends[0])] = Variant(
-            lambda: body_patched(input_ids=ids, attention_mask=mask), setup(backends[0]))
+            lambda: body_patched(input_ids=ids, attention_mask=mask), backend_setup(backends[0]))
         if args.fused_gemm:  # record(fused_gemm=True): gate/up GEMMs + count in one kernel
             for be in backends:
-                variants["record-gemm" + suffix(be)] = Variant(lambda: body_patched(input_ids=ids), setup(be, True))
+                variants["record-gemm" + suffix(be)] = Variant(lambda: body_gemm(input_ids=ids), backend_setup(be))
         results = run_interleaved("model", variants, timer, args.repeats, args.warmup)
-        recorder.fused_gemm = False
     # the recorded counts must be the hook counts (same forwards, same number of them)
+    recorded = stats + stats_gemm
     runs_rec = sum(len(r.times) + args.warmup for n, r in results.items() if n.startswith("record") and not r.error)
     # (on CUDA the record-gemm runs count from unrounded fp32 gate/up: a few near-zero signs differ)
     runs_hook = len(results["hooks"].times) + args.warmup
     if runs_rec and runs_hook and not results["hooks"].error:
-        a = stats.over_zero.double() / runs_rec
-        b = counter.over_zero.cpu().double() / runs_hook
+        a = recorded.over_zero.double() / runs_rec
+        b = counter.over_zero[0].cpu().double() / runs_hook
         tokens = args.batch * args.seq
         flips = float((a - b).abs().sum())
         why = ("HF rounds act(gate) before the product, the ops round once: deeper layers' gates differ in the last bit"
@@ -350,8 +328,6 @@ def section_model(args, device, timer, notes: List[str]) -> Dict[str, Result]:
 
 
 def section_mlp(args, device, timer, notes: List[str]) -> Dict[str, Result]:
-    from lape_kernels import patching
-
     one = argparse.Namespace(**{**vars(args), "layers": 1, "vocab": 256})  # the MLP is what is timed
     body = build_body(one, device)
     mlp = body.layers[0].mlp
@@ -359,15 +335,9 @@ def section_mlp(args, device, timer, notes: List[str]) -> Dict[str, Result]:
     lape_kernels.patch(patched_body, chunked_loss=False)
     pmlp = patched_body.layers[0].mlp
     inter = body.config.intermediate_size
-    counter_acc = torch.zeros(inter, dtype=torch.int64, device=device)
-
-    def hook(module, inputs, output):
-        counter_acc.add_((output.reshape(-1, inter).float() > 0).sum(0))
-
-    hooked = copy.copy(mlp)  # shares submodules; hook goes on a separate act_fn instance
-    hooked._modules = dict(mlp._modules)
-    hooked.act_fn = copy.deepcopy(mlp.act_fn)
-    hooked.act_fn.register_forward_hook(hook)
+    hooked_body = shell(body)  # the hooks go on this tree's act_fn only
+    HookCounter(hooked_body, with_sum=False)
+    hooked = hooked_body.layers[0].mlp
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(1, args.mlp_tokens, body.config.hidden_size, generator=g).to(device, DTYPES[args.dtype])
     rec = BenchRecorder(inter, device)
@@ -395,13 +365,13 @@ def section_elementwise(args, device, timer, notes: List[str]) -> Dict[str, Resu
     dt = DTYPES[args.dtype]
     gate = torch.randn(args.mlp_tokens, inter, generator=g).to(device, dt)
     up = torch.randn(args.mlp_tokens, inter, generator=g).to(device, dt)
-    acc = torch.zeros(inter, dtype=torch.int64, device=device)
+    acc = torch.zeros(1, inter, dtype=torch.int64, device=device)
     acc_oz = torch.zeros(1, inter, dtype=torch.int64, device=device)
     acc_sum = torch.zeros(1, inter, dtype=torch.float64, device=device)
 
     def hooks():
         a = F.silu(gate)
-        acc.add_((a.float() > 0).sum(0))
+        acc.add_(lape_count(a, with_sum=False)[0])
         return a * up
 
     def fused_count():
@@ -546,7 +516,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch has no CUDA device", file=sys.stderr)
         return 2
-    import lape_kernels.kernels.ops  # noqa: F401  (fail early, with the build hint, if the extension is missing)
+    from lape_kernels.kernels import ops  # noqa: F401  (fail early, with the build hint, if the extension is missing)
 
     env = environment(args, device)
     print("environment:", env, flush=True)

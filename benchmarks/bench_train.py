@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lape_kernels.dtypes import SHORT_DTYPE_NAMES  # noqa: E402
+
 SHAPES: Dict[str, Dict[str, Any]] = {
     # HuggingFaceTB/SmolLM2-135M
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -65,9 +67,14 @@ SHAPES: Dict[str, Dict[str, Any]] = {
 CONFIGS = ["full", "ffn", "paper", "lora", "ours", "ours-recompute-up", "floor"]
 ALL_CONFIGS = CONFIGS + ["ours-hfloss", "ours-recompute-all"]
 RECOMPUTE = {"ours-recompute-up": "up", "ours-recompute-all": "gate_up"}
+#: configurations that are a method of the experiment (``lape-kernels finetune --method``)
+EXPERIMENT_METHOD = {"full": "full", "ffn": "ffn", "lora": "lora", "ours": "neurons", "ours-hfloss": "neurons",
+                     "ours-recompute-up": "neurons", "ours-recompute-all": "neurons"}
+#: baselines measured as users run them: Hugging Face's own forward and loss (not patched)
+HF_BASELINES = ("full", "ffn", "lora")
 # language order of the released LAPE masks (see /work/shared/data/released-masks/README.md)
 RELEASED_LANGUAGES = ["mt", "af", "is", "cy", "mk", "lv", "lt", "sl", "sk", "et", "ka", "ne"]
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = tuple(SHORT_DTYPE_NAMES)
 
 
 # ----------------------------------------------------------------------------- model + configs
@@ -77,98 +84,69 @@ def build_model(shape: str, device: str, dtype_name: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lape_kernels.dtypes import dtype_from_name
+
     cfg = LlamaConfig(**SHAPES[shape])
     cfg._attn_implementation = "sdpa"
-    dtype = getattr(torch, DTYPES[dtype_name])
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype_from_name(dtype_name))
     model.config.use_cache = False
     return model.train()
 
 
 def select_neurons(model, args) -> List[Any]:
     """Per-layer int64 index tensors: a released mask (--masks/--language) or random --frac."""
-    import torch
+    from lape_kernels.introspection import mlp_shape
+    from lape_kernels.testing import random_neurons
 
-    L = model.config.num_hidden_layers
-    inter = model.config.intermediate_size
+    L, _, inter = mlp_shape(model)
     if args.masks:
         from lape_kernels.neurons import NeuronSet
 
         ns = NeuronSet.load(args.masks, languages=RELEASED_LANGUAGES, intermediate_size=inter)
         ns.validate(model)
         return ns[args.language]
-    g = torch.Generator().manual_seed(1)
-    k = max(1, round(args.frac * inter))
-    return [torch.randperm(inter, generator=g)[:k].sort().values for _ in range(L)]
+    return random_neurons(L, inter, max(1, round(args.frac * inter)), seed=1)
 
 
-def _paper_setup(model, neurons):
-    """The paper's slice training: W_eff = W.clone() with the trainable slices scattered in, on
-    every forward (a parametrization), dense autograd through W_eff."""
-    import torch
-    from torch import nn
-    from torch.nn.utils import parametrize
+def _experiment_setup(config: str, model, neurons, args):
+    """The experiment's own setup of the method (``setup_method``, as ``lape-kernels finetune``
+    runs it); the Hugging Face baselines are then unpatched, so they run HF's forward and loss."""
+    import lape_kernels
+    from lape_kernels.experiment.finetune import FinetuneConfig, setup_method
+    from lape_kernels.introspection import mlp_shape
+    from lape_kernels.neurons import NeuronSet
 
-    class ScatterSlice(nn.Module):
-        def __init__(self, sel, init, dim):
-            super().__init__()
-            self.register_buffer("sel", sel)
-            self.slice = nn.Parameter(init)
-            self.dim = dim
-
-        def forward(self, w):
-            return w.index_copy(self.dim, self.sel, self.slice)
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = []
-    for layer, sel in zip(model.model.layers, neurons):
-        if sel.numel() == 0:
-            continue
-        mlp = layer.mlp
-        sel = sel.to(mlp.gate_proj.weight.device)
-        for lin, dim in ((mlp.gate_proj, 0), (mlp.up_proj, 0), (mlp.down_proj, 1)):
-            init = lin.weight.detach().index_select(dim, sel).clone()
-            mod = ScatterSlice(sel, init, dim)
-            parametrize.register_parametrization(lin, "weight", mod, unsafe=True)
-            params.append(mod.slice)
-    return params
+    cfg = FinetuneConfig(model=args.shape, language=args.language, method=EXPERIMENT_METHOD[config], out="",
+                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                         recompute=RECOMPUTE.get(config, "none"))
+    shape = mlp_shape(model)
+    selection = (NeuronSet({args.language: neurons}, shape.num_layers, shape.intermediate_size), neurons)
+    model, _, _ = setup_method(model, cfg, selection)
+    if config in HF_BASELINES:
+        get_base = getattr(model, "get_base_model", None)  # LoRA: the PEFT model's inner HF model
+        lape_kernels.unpatch(get_base() if callable(get_base) else model)
+    return model
 
 
 def setup(config: str, model, neurons, args):
     """Make ``model`` trainable the way ``config`` says; returns (model, trainable params)."""
     import lape_kernels
+    from lape_kernels.training import install_chunked_loss, uninstall_chunked_loss
 
-    if config == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, [p for p in model.parameters()]
-    if config == "ffn":
-        for n, p in model.named_parameters():
-            p.requires_grad_(".mlp." in n)
+    if config in EXPERIMENT_METHOD:
+        model = _experiment_setup(config, model, neurons, args)
+        if config == "ours-hfloss":
+            uninstall_chunked_loss(model)
+        elif config.startswith("ours") and args.chunk_size:
+            install_chunked_loss(model, chunk_size=args.chunk_size)
         return model, [p for p in model.parameters() if p.requires_grad]
     if config == "paper":
-        return model, _paper_setup(model, neurons)
-    if config == "lora":
-        from peft import LoraConfig, get_peft_model
+        from lape_kernels.testing import slice_training
 
-        lcfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                          target_modules=["gate_proj", "up_proj", "down_proj"], bias="none")
-        model = get_peft_model(model, lcfg)
-        return model, [p for p in model.parameters() if p.requires_grad]
-    if config.startswith("ours"):
-        from lape_kernels.training import install_chunked_loss, trainable_parameters
-
-        chunked = config != "ours-hfloss"
-        lape_kernels.patch(model, neurons=neurons, chunked_loss=chunked, recompute=RECOMPUTE.get(config, "none"))
-        if chunked and args.chunk_size:
-            install_chunked_loss(model, chunk_size=args.chunk_size)
-        return model, trainable_parameters(model)
+        return model, slice_training(model, neurons)
     if config == "floor":
-        from lape_kernels.training import install_chunked_loss
-
         lape_kernels.patch(model)
         if args.chunk_size:
             install_chunked_loss(model, chunk_size=args.chunk_size)
@@ -230,7 +208,9 @@ def run_worker(config: str, args) -> Dict[str, Any]:
         # everything any configuration imports, so that RSS here is the same runtime baseline
         import peft  # noqa: F401
         import transformers  # noqa: F401
+        import lape_kernels.experiment.finetune  # noqa: F401
         import lape_kernels.kernels.ops  # noqa: F401
+        import lape_kernels.testing  # noqa: F401
         import lape_kernels.training  # noqa: F401
 
         gc.collect()
@@ -555,7 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--frac", type=float, default=0.01, help="random neurons per layer (fraction of intermediate)")
     p.add_argument("--masks", default=None, help="released LAPE mask file (reference format) instead of random")
     p.add_argument("--language", default="mt")

@@ -32,7 +32,8 @@ TEXT = (
 
 def load(args):
     """(model, tokenizer, fresh-copy factory)."""
-    from lape_kernels.data.models import load_model, tiny_model, tiny_tokenizer
+    from lape_kernels.data.models import load_model
+    from lape_kernels.testing import tiny_model, tiny_tokenizer
 
     if args.model == "tiny":
         def make():
@@ -61,15 +62,16 @@ def pick_neurons(model, args):
         from lape_kernels.neurons import NeuronSet
 
         return NeuronSet.load(args.neurons), args.language
-    cfg = model.config.get_text_config()
-    inter, L = cfg.intermediate_size, cfg.num_hidden_layers
-    k = max(1, round(args.frac * inter))
-    g = torch.Generator().manual_seed(args.seed)
-    return [torch.randperm(inter, generator=g)[:k].sort().values for _ in range(L)], None
+    from lape_kernels.introspection import mlp_shape
+    from lape_kernels.testing import random_neurons
+
+    L, _, inter = mlp_shape(model)
+    return random_neurons(L, inter, max(1, round(args.frac * inter)), seed=args.seed), None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def example_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command-line options both training examples take."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny' (random) or a packaged/local model, e.g. smollm2-135m")
     p.add_argument("--family", default="llama", help="family of the tiny model")
     p.add_argument("--neurons", default=None, help="a saved NeuronSet (default: random neurons)")
@@ -79,10 +81,33 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--recompute", default="none", choices=("none", "up", "gate_up"),
-                   help="recompute these MLP projections in backward instead of keeping them (less memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save neurons / merged model (default: a temp dir)")
+    return p
+
+
+def save_reload_merge(model, make_fresh, probe, out: Path) -> None:
+    """Save the trained neurons, load them onto a fresh base model (same logits, bit for bit),
+    merge them into its weights and save that as a plain Hugging Face model."""
+    model.eval()
+    adapter = save_neurons(model, out / "neurons")
+    size = sum(f.stat().st_size for f in adapter.iterdir())
+    print(f"saved trained neurons to {adapter} ({size / 1024:.1f} KiB)")
+    with torch.no_grad():
+        want = model(probe).logits
+        fresh = load_neurons(make_fresh().to(probe.device), adapter).eval()
+        got = fresh(probe).logits
+        print(f"reloaded onto a fresh base model: max |logit diff| = {(got - want).abs().max().item():.2e}")
+        merged = merge(fresh)
+        diff = (merged(probe).logits - want).abs().max().item()
+    merged.save_pretrained(out / "merged")
+    print(f"merged into the base weights (max |logit diff| {diff:.2e}); plain HF model saved to {out / 'merged'}")
+
+
+def main(argv=None) -> int:
+    p = example_arguments(__doc__)
+    p.add_argument("--recompute", default="none", choices=("none", "up", "gate_up"),
+                   help="recompute these MLP projections in backward instead of keeping them (less memory)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lape_train_"))
@@ -108,24 +133,8 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         if step % max(1, args.steps // 6) == 0 or step == args.steps - 1:
             print(f"step {step:3d}  loss {loss.item():.4f}")
-    model.eval()
 
-    adapter = save_neurons(model, out / "neurons")
-    size = sum(f.stat().st_size for f in adapter.iterdir())
-    print(f"saved trained neurons to {adapter} ({size / 1024:.1f} KiB)")
-
-    probe = next(batches(tok, args.seq, 1, next(model.parameters()).device))
-    with torch.no_grad():
-        want = model(probe).logits
-        fresh = load_neurons(make_fresh(), adapter).eval()
-        got = fresh(probe).logits
-    print(f"reloaded onto a fresh base model: max |logit diff| = {(got - want).abs().max().item():.2e}")
-
-    merged = merge(fresh)
-    with torch.no_grad():
-        diff = (merged(probe).logits - want).abs().max().item()
-    merged.save_pretrained(out / "merged")
-    print(f"merged into the base weights (max |logit diff| {diff:.2e}); plain HF model saved to {out / 'merged'}")
+    save_reload_merge(model, make_fresh, next(batches(tok, args.seq, 1, next(model.parameters()).device)), out)
     print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 

@@ -10,7 +10,6 @@ model's ``forward`` (the Trainer needs nothing special). Runs in well under a mi
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -21,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lape_kernels  # noqa: E402
-from lape_kernels.training import load_neurons, merge, save_neurons, trainable_parameters  # noqa: E402
+from lape_kernels.training import trainable_parameters  # noqa: E402
 
-from train_plain_loop import TEXT, load, pick_neurons  # noqa: E402  (same directory)
+from train_plain_loop import TEXT, example_arguments, load, pick_neurons, save_reload_merge  # noqa: E402  (same directory)
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -44,19 +43,8 @@ class Blocks(torch.utils.data.Dataset):
 def main(argv=None) -> int:
     from transformers import Trainer, TrainingArguments
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (random) or a packaged/local model, e.g. smollm2-135m")
-    p.add_argument("--family", default="llama", help="family of the tiny model")
-    p.add_argument("--neurons", default=None, help="a saved NeuronSet (default: random neurons)")
-    p.add_argument("--language", default=None)
-    p.add_argument("--frac", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
+    p = example_arguments(__doc__)
     p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lape_trainer_"))
@@ -86,22 +74,10 @@ def main(argv=None) -> int:
     trainer = Trainer(model=model, args=targs, train_dataset=Blocks(tok, args.seq))
     result = trainer.train()
     print(f"trainer finished: train_loss {result.training_loss:.4f}")
-    model.eval()
 
-    adapter = save_neurons(model, out / "neurons")
-    size = sum(f.stat().st_size for f in adapter.iterdir())
-    print(f"saved trained neurons to {adapter} ({size / 1024:.1f} KiB)")
-
-    device = next(model.parameters()).device
-    probe = Blocks(tok, args.seq)[0]["input_ids"][None].to(device)
-    with torch.no_grad():
-        want = model(probe).logits
-        fresh = load_neurons(make_fresh().to(device), adapter).eval()
-        print(f"reloaded: max |logit diff| = {(fresh(probe).logits - want).abs().max().item():.2e}")
-        merged = merge(fresh)
-        print(f"merged: max |logit diff| = {(merged(probe).logits - want).abs().max().item():.2e}")
-    merged.save_pretrained(out / "merged")
-    print(f"plain HF model saved to {out / 'merged'}; done in {time.perf_counter() - t_start:.1f} s")
+    probe = Blocks(tok, args.seq)[0]["input_ids"][None].to(next(model.parameters()).device)
+    save_reload_merge(model, make_fresh, probe, out)
+    print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
 
