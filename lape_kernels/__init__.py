@@ -15,6 +15,7 @@ from __future__ import annotations
 from .version import __version__
 
 from .api import patch, unpatch
+from .fingerprint import ModelMismatchError, model_fingerprint
 from .introspection import UnsupportedModelError, supported_model_types
 from .neurons import NeuronSet, deactivate, identify
 from .patching import is_patched
@@ -35,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ActivationStats",
+    "ModelMismatchError",
     "NeuronSet",
     "StatsByLanguage",
     "UnsupportedModelError",
@@ -43,6 +45,7 @@ __all__ = [
     "is_patched",
     "load_neurons",
     "merge",
+    "model_fingerprint",
     "ops",
     "patch",
     "record",

@@ -2,11 +2,15 @@
 one's own corpus instead of the built-in one.
 
 Why one loader for many inputs: the experiment takes a corpus spec from the command line; a
-saved dataset, a folder of text files and a dataset name should all just work.
+saved dataset, a folder of text files and a dataset name should all just work. A file that
+cannot be read (empty, not UTF-8, malformed) is an error naming the file and the cause: the
+``datasets`` library's own message ("An error occurred while generating the dataset") names
+neither.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
 from typing import Sequence
@@ -57,7 +61,7 @@ def _load_any(spec, load_kwargs):
         data_files = ({k: ([str(x) for x in v] if isinstance(v, (list, tuple)) else str(v))
                        for k, v in spec.items()} if isinstance(spec, dict)
                       else {"train": [str(f) for f in flat]})
-        return load_dataset(builder, data_files=data_files, **load_kwargs)
+        return _load_files(builder, data_files, load_kwargs)
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a Dataset, DatasetDict, path, list/dict of files or a "
                         f"dataset name, got {type(spec).__name__}")
@@ -65,7 +69,7 @@ def _load_any(spec, load_kwargs):
     if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
         return _as_dataset_dict(load_from_disk(str(p)))
     if p.is_file():
-        return load_dataset(_builder_for([p]), data_files={"train": str(p)}, **load_kwargs)
+        return _load_files(_builder_for([p]), {"train": str(p)}, load_kwargs)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _FILE_BUILDERS)
         if not files:
@@ -76,13 +80,59 @@ def _load_any(spec, load_kwargs):
             name = next((s for s in _SPLIT_WORDS if s in stem), "train")
             name = "validation" if name in ("valid", "val") else name
             splits.setdefault(name, []).append(str(f))
-        return load_dataset(_builder_for(files), data_files=splits, **load_kwargs)
+        return _load_files(_builder_for(files), splits, load_kwargs)
     try:
         loaded = load_dataset(str(spec), **load_kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason attached
         raise ValueError(f"cannot load dataset {spec!r}: not a path and load_dataset "
                          f"failed ({type(e).__name__}: {e})") from e
     return _as_dataset_dict(loaded)
+
+
+def _load_files(builder: str, data_files: dict, load_kwargs):
+    """``load_dataset(builder, data_files=...)``, each text file checked first (not empty, UTF-8),
+    and a failure of the builder reported with the files and its cause."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    files = [str(f) for v in data_files.values() for f in ([v] if isinstance(v, (str, os.PathLike)) else v)]
+    for f in files:
+        if not os.path.isfile(f):  # a glob pattern or a URL: the builder resolves it
+            continue
+        if builder == "text":
+            _check_text_file(Path(f), load_kwargs.get("encoding") or "utf-8", load_kwargs.get("encoding_errors") or "strict")
+        elif os.path.getsize(f) == 0:
+            raise ValueError(f"{f}: empty {builder} file (0 bytes): nothing to read")
+    try:
+        return load_dataset(builder, data_files=data_files, **load_kwargs)
+    except DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__ or e
+        where = files[0] if len(files) == 1 else f"{len(files)} {builder} files ({', '.join(files[:3])}" + (
+            ", ...)" if len(files) > 3 else ")")
+        raise ValueError(f"{where}: cannot read as {builder}: {type(cause).__name__}: "
+                         f"{' '.join(str(cause).split())}") from None
+
+
+def _check_text_file(path: Path, encoding: str, errors: str = "strict", chunk: int = 1 << 20) -> None:
+    """Raise ValueError naming ``path`` if it holds no text or is not valid ``encoding`` (read
+    the way the text builder will: ``errors`` is its ``encoding_errors``)."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors)
+    offset, has_text = 0, False
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not valid {encoding} text: byte 0x{e.object[e.start]:02x} at offset "
+                                 f"{offset - pending + e.start} ({e.reason}); re-encode the file as {encoding}") from None
+            has_text = has_text or bool(text.strip())
+            if not data:
+                break
+            offset += len(data)
+    if not has_text:
+        raise ValueError(f"{path}: empty text file ({offset} bytes, no text): nothing to read")
 
 
 def _as_dataset_dict(loaded):

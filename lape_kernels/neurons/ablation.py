@@ -36,6 +36,8 @@ def _checked_indices(model: torch.nn.Module, neurons: Any) -> PerLayer:
     if ns is not None and ns.intermediate_size not in (None, shape.intermediate_size):
         raise ValueError(f"neuron set was made for intermediate_size {ns.intermediate_size}, "
                          f"the model's MLPs have {shape.intermediate_size}")
+    if ns is not None:
+        ns.validate(model)  # made for this model (fingerprint): a transfer is explicit, ns.transfer_to(model)
     return [check_layer_indices(t, f"neurons[layer {li}]", shape.intermediate_size)[0]
             for li, t in enumerate(per_layer)]
 

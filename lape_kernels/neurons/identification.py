@@ -5,6 +5,9 @@ float32, step for step (so ties resolve identically): activation probabilities, 
 their distribution over languages, a filter that drops neurons no language activates often,
 the lowest-entropy ``top_rate`` of neurons, then each selected neuron is assigned to every
 language whose probability is above a bar.
+
+All languages' statistics must come from one model: their fingerprints (``meta``, written by
+``record``) must agree, and the resulting set carries that fingerprint.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from ..fingerprint import check_one_model, recorded_model
 from ..languages import check_languages
 from ..stats.values import ActivationStats, check_same_shape
 from .neuron_set import NeuronSet
@@ -104,12 +108,17 @@ def identify(
     every input language is in the result, also one with no neurons (the reference's output
     list drops trailing languages with no neurons, which shifts nothing but loses them).
     The thresholds used are kept in ``NeuronSet.thresholds`` (``filter_value``, ``activation_bar``).
+
+    Statistics of different models (different fingerprints) are refused with an error naming two
+    languages and their models; statistics without a fingerprint (LAPE dicts, older files) are
+    accepted and listed in the set's ``notes``.
     """
     top_rate = _check_rate("top_rate", top_rate)
     filter_rate = _check_rate("filter_rate", filter_rate)
     activation_bar_ratio = _check_rate("activation_bar_ratio", activation_bar_ratio)
     over_zero, n, metas = _stack(stats)
     languages = list(stats)
+    fingerprint, fingerprint_name, notes = _one_model(stats, languages, metas)
     num_layers, inter, num_langs = over_zero.shape
 
     total = over_zero.numel()
@@ -144,9 +153,9 @@ def identify(
         m = membership[:, :, k]
         neurons[lang] = [torch.nonzero(m[layer], as_tuple=True)[0] for layer in range(num_layers)]
 
-    model_ids = {m.get("model_id") or m.get("model") for m in metas if isinstance(m, Mapping)} - {None}
-    if model_id is None and len(model_ids) == 1:
-        model_id = str(next(iter(model_ids)))
+    if model_id is None:
+        names = {recorded_model(m)[1] for m in metas} - {None}
+        model_id = fingerprint_name if fingerprint_name is not None else (names.pop() if len(names) == 1 else None)
     if hidden_size is None:
         hs = {m.get("hidden_size") for m in metas if isinstance(m, Mapping)} - {None}
         hidden_size = int(next(iter(hs))) if len(hs) == 1 else None
@@ -158,4 +167,20 @@ def identify(
             "filter_value": filter_value, "activation_bar": activation_bar,
         },
         tokens_per_language={lang: int(v) for lang, v in zip(languages, n.tolist())},
+        notes=notes, model_fingerprint=fingerprint,
     )
+
+
+def _one_model(stats: Mapping[str, Any], languages, metas):
+    """(fingerprint, model name, notes): the one model all languages' statistics come from."""
+    labels = []
+    for lang in languages:
+        source = getattr(stats[lang], "source", None)
+        labels.append(f"language {lang!r}" + (f" ({source})" if source else ""))
+    fingerprint, name, notes = check_one_model(
+        {label: recorded_model(m) for label, m in zip(labels, metas)}, "identify neurons from")
+    names = sorted({recorded_model(m)[1] for m in metas} - {None})
+    if len(names) > 1:
+        notes.append(f"the statistics name {len(names)} model paths ({', '.join(map(repr, names))})"
+                     + (": one model by its fingerprint (moved or copied)" if fingerprint else ""))
+    return fingerprint, name, notes

@@ -5,17 +5,23 @@ intermediate dimension, with metadata, set operations, random baselines and save
 Why a class rather than the reference's bare ``list[lang][layer]``: the bare list carries no
 language names, no shape and no provenance, so a mask made for one model silently indexes
 another. `NeuronSet` keeps names, ``num_layers``, ``intermediate_size`` and metadata together
-and checks indices on construction (integer, 1-D, in range, unique; sorted ascending).
+and checks indices on construction (integer, 1-D, in range, unique; sorted ascending), plus the
+fingerprint of the model it was identified in (``lape_kernels.fingerprint``): ``validate(model)``
+refuses another model's weights unless the transfer is explicit.
 """
 from __future__ import annotations
 
 import json
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..files import open_safetensors
+from ..fingerprint import check_model, describe_model, model_fingerprint, model_name, unknown_note
 from ..introspection import model_shape
 from ..languages import check_languages
 
@@ -85,7 +91,9 @@ class NeuronSet:
     int64 tensors. Unsorted input is sorted and a note is recorded in ``notes`` (the reference
     always writes sorted indices, so unsorted input means some other producer).
     ``intermediate_size`` may be ``None`` when unknown (a reference-format file does not store
-    it); methods that need it say so.
+    it); methods that need it say so. ``model_fingerprint``: the model the set was identified in
+    (``None``: unknown, e.g. a reference-format file; ``notes`` says why). ``source``: the path it
+    was loaded from.
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class NeuronSet:
         thresholds: Optional[Mapping[str, float]] = None,
         tokens_per_language: Optional[Mapping[str, int]] = None,
         notes: Optional[Iterable[str]] = None,
+        model_fingerprint: Optional[str] = None,
     ) -> None:
         if not isinstance(neurons, Mapping):
             raise TypeError(f"neurons must be a mapping language -> per-layer indices, got {type(neurons).__name__}")
@@ -112,7 +121,11 @@ class NeuronSet:
             raise ValueError(f"hidden_size must be a positive int or None, got {hidden_size!r}")
         self.num_layers = num_layers
         self.intermediate_size = intermediate_size
+        if model_fingerprint is not None and not isinstance(model_fingerprint, str):
+            raise TypeError(f"model_fingerprint must be a str or None, got {type(model_fingerprint).__name__}")
         self.model_id = model_id
+        self.model_fingerprint = model_fingerprint
+        self.source: Optional[str] = None
         self.hidden_size = hidden_size
         self.thresholds: Dict[str, float] = dict(thresholds or {})
         self.tokens_per_language: Dict[str, int] = {str(k): int(v) for k, v in (tokens_per_language or {}).items()}
@@ -268,8 +281,11 @@ class NeuronSet:
 
     # ------------------------------------------------------------- validation
     def validate(self, model: Any = None, *, num_layers: Optional[int] = None,
-                 intermediate_size: Optional[int] = None) -> "NeuronSet":
-        """Check this set fits a model: layer count and index range.
+                 intermediate_size: Optional[int] = None, allow_other_model: bool = False) -> "NeuronSet":
+        """Check this set fits a model: layer count, index range and, for a model (not a config),
+        that it is the model the set was made for (``ModelMismatchError`` naming both, unless
+        ``allow_other_model=True``: a deliberate transfer; ``transfer_to`` makes one for ``patch``).
+        A set without a fingerprint (reference format, older files) is accepted.
 
         ``model``: a HF model or config (``num_hidden_layers`` / ``intermediate_size``, taken
         from ``text_config`` for multimodal Gemma 3), or pass the numbers. Returns ``self``.
@@ -290,7 +306,32 @@ class NeuronSet:
             for lang, layers in self._sets.items():
                 for li, t in enumerate(layers):
                     check_layer_indices(t, f"{lang} layer {li}", intermediate_size)
+        if isinstance(model, torch.nn.Module):
+            check_model(self.model_fingerprint, self.model_id, model, self._label(),
+                        allow_other_model=allow_other_model,
+                        way_out="pass validate(model, allow_other_model=True), or patch with "
+                                "neurons=neuron_set.transfer_to(model)")
         return self
+
+    def _label(self) -> str:
+        return f"neuron set {self.source}" if self.source else "this neuron set"
+
+    def transfer_to(self, model: torch.nn.Module) -> "NeuronSet":
+        """A copy of this set for ``model``, another model of the same shape: the explicit step of a
+        deliberate transfer (e.g. base-model neurons trained on its instruct variant). The copy
+        carries ``model``'s fingerprint and name and a note saying where the set came from."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"transfer_to expects a torch.nn.Module, got {type(model).__name__}")
+        self.validate(model, allow_other_model=True)  # the shape must fit all the same
+        target, name = model_fingerprint(model), model_name(model)
+        note = (f"transferred by transfer_to from {describe_model(self.model_id, self.model_fingerprint)} "
+                f"to {describe_model(name, target)}")
+        copy = NeuronSet(self._sets, self.num_layers, self.intermediate_size, model_id=name,
+                         hidden_size=self.hidden_size, thresholds=self.thresholds,
+                         tokens_per_language=self.tokens_per_language, notes=self.notes + [note],
+                         model_fingerprint=target)
+        copy.source = self.source
+        return copy
 
     # ------------------------------------------------------------------- save
     def save(self, path: Union[str, Path], format: str = "lape") -> Path:
@@ -324,6 +365,7 @@ class NeuronSet:
             "num_layers": self.num_layers,
             "intermediate_size": self.intermediate_size,
             "model_id": self.model_id,
+            "model_fingerprint": self.model_fingerprint,
             "hidden_size": self.hidden_size,
             "thresholds": self.thresholds,
             "tokens_per_language": self.tokens_per_language,
@@ -354,6 +396,7 @@ class NeuronSet:
             raise FileNotFoundError(f"no neuron set at {path}")
         if path.is_dir() or path.suffix in (".json", ".safetensors"):
             ns = cls._load_lape(path)
+            ns.source = str(path)
             if model_id is not None:
                 if ns.model_id not in (None, model_id):
                     raise ValueError(f"{path} was made for model {ns.model_id!r}, not {model_id!r}")
@@ -363,24 +406,39 @@ class NeuronSet:
             if intermediate_size is not None:
                 ns.validate(intermediate_size=intermediate_size)
             return ns
-        return cls._load_reference(path, languages, intermediate_size, model_id)
+        ns = cls._load_reference(path, languages, intermediate_size, model_id)
+        ns.source = str(path)
+        ns.notes.append(unknown_note(f"neuron set {path}", "the LAPE reference format carries none"))
+        return ns
 
     @classmethod
     def _load_reference(cls, path: Path, languages: Optional[Sequence[str]], intermediate_size: Optional[int],
                         model_id: Optional[str]) -> "NeuronSet":
+        not_reference = (f"{path}: not a torch file (torch.save) / not a LAPE reference file (torch.save of "
+                         "list[lang][layer] tensors) nor a lape_kernels neuron set")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as fh:
+                head = fh.read(2)
+        except OSError as exc:
+            raise NeuronSetFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        # torch.save writes a zip archive (a pickle inside); older torch a bare pickle (first byte 0x80)
+        if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+            raise NeuronSetFormatError(f"{not_reference}: neither a zip archive nor a pickle "
+                                       f"(starts with bytes {head.hex() or 'nothing: empty file'})")
+        try:
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it all
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             # torch's first line suggests weights_only=False; keep only its reason
             detail = [ln.strip() for ln in str(exc).splitlines()[1:]
-                      if ln.strip() and not ln.startswith("Check the documentation")]
+                      if ln.strip() and not ln.startswith("Check the documentation") and "file an issue" not in ln]
             raise NeuronSetFormatError(
                 f"{path}: refused to load: not a plain list of tensors (torch.load weights_only=True "
                 f"rejected it; arbitrary pickled objects are never loaded)"
                 + (f": {detail[0]}" if detail else "")) from None
-        except Exception as exc:  # not a torch file at all
-            raise NeuronSetFormatError(f"{path}: not a LAPE reference file (torch.save of list[lang][layer] "
-                                       f"tensors) nor a lape_kernels neuron set: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a zip archive or pickle that is no torch file
+            raise NeuronSetFormatError(f"{not_reference}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
         if not isinstance(data, (list, tuple)) or not data:
             raise NeuronSetFormatError(f"{path}: expected a non-empty list with one entry per language "
                                        f"(each a list of per-layer int64 tensors), got {type(data).__name__}"
@@ -416,12 +474,10 @@ class NeuronSet:
 
     @classmethod
     def _load_lape(cls, path: Path) -> "NeuronSet":
-        from safetensors import safe_open
-
         tensors_path, json_path = _pair_paths(path, for_writing=False)
         try:
             meta = json.loads(json_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise NeuronSetFormatError(f"{json_path}: cannot read neuron-set JSON: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise NeuronSetFormatError(f"{json_path}: not a lape_kernels neuron set (format != {FORMAT_NAME!r})")
@@ -439,7 +495,7 @@ class NeuronSet:
             raise NeuronSetFormatError(f"{json_path}: tensor file {tensors_path} missing")
         sets: Dict[str, PerLayer] = {}
         try:
-            with safe_open(str(tensors_path), framework="pt", device="cpu") as fh:
+            with open_safetensors(tensors_path, NeuronSetFormatError) as fh:
                 keys = set(fh.keys())
                 for k, lang in enumerate(languages):
                     ik, ok = f"indices.{k}", f"offsets.{k}"
@@ -459,13 +515,17 @@ class NeuronSet:
         except NeuronSetFormatError:
             raise
         except Exception as exc:
-            raise NeuronSetFormatError(f"{tensors_path}: cannot read safetensors: {type(exc).__name__}: {exc}") from None
+            raise NeuronSetFormatError(f"{tensors_path}: malformed neuron-set tensors: {type(exc).__name__}: "
+                                       f"{' '.join(str(exc).split())}") from None
+        notes = meta.get("notes")
+        if "model_fingerprint" not in meta and isinstance(notes, list):  # a file written before fingerprints
+            notes = notes + [unknown_note("this neuron set", "written before lape_kernels recorded one")]
         try:
             return cls(
                 sets, num_layers, meta["intermediate_size"],
                 model_id=meta.get("model_id"), hidden_size=meta.get("hidden_size"),
                 thresholds=meta.get("thresholds"), tokens_per_language=meta.get("tokens_per_language"),
-                notes=meta.get("notes"),
+                notes=notes, model_fingerprint=meta.get("model_fingerprint"),
             )
         except (TypeError, ValueError) as exc:
             raise NeuronSetFormatError(f"{path}: {exc}") from None

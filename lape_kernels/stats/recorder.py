@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import patching
 from ..dtypes import dtype_name
+from ..fingerprint import model_fingerprint
 from ..introspection import decoder_body, mlp_shape, text_config
 from ..languages import check_languages
 from .values import ActivationStats, StatsByLanguage
@@ -401,7 +402,7 @@ class RecordingStatsByLanguage(StatsByLanguage):
         self._recorder = None
 
 
-def _meta(model: nn.Module, recorder: _Recorder, language: Optional[str]) -> Dict[str, Any]:
+def _meta(model: nn.Module, recorder: _Recorder, language: Optional[str], fingerprint: Optional[str]) -> Dict[str, Any]:
     from ..version import __version__
 
     config = text_config(model)
@@ -411,6 +412,7 @@ def _meta(model: nn.Module, recorder: _Recorder, language: Optional[str]) -> Dic
         dtype = None
     return {
         "model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "model_fingerprint": fingerprint,  # which model: lape_kernels.fingerprint
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "text_model_type": getattr(config, "model_type", None),
         "dtype": dtype,
@@ -458,11 +460,12 @@ def record(
         recorder.fused_gemm = bool(fused_gemm)
         recorder.install()
         stats: Union[RecordingStats, RecordingStatsByLanguage]
+        fingerprint = model_fingerprint(model)
         if names is None:
-            stats = RecordingStats(recorder, 0, _meta(model, recorder, single_name))
+            stats = RecordingStats(recorder, 0, _meta(model, recorder, single_name, fingerprint))
         else:
-            stats = RecordingStatsByLanguage(
-                recorder, {l: RecordingStats(recorder, k, _meta(model, recorder, l)) for k, l in enumerate(names)})
+            stats = RecordingStatsByLanguage(recorder, {
+                l: RecordingStats(recorder, k, _meta(model, recorder, l, fingerprint)) for k, l in enumerate(names)})
         try:
             yield stats
         finally:

@@ -4,8 +4,10 @@ Per layer and neuron we keep ``over_zero`` (how many tokens had act(gate) > 0, e
 and ``act_sum`` (sum of act(gate), float64), plus the token count ``n_tokens``: the same numbers
 the LAPE reference gathers with forward hooks. This module owns what makes such numbers valid
 and combinable (:class:`ActivationStats` checks them on construction, :func:`check_same_shape`
-before any combination); how they are collected is ``recorder.py``'s business. Files are
-safetensors + JSON metadata (never pickle).
+before any combination, ``check_same_model`` too: statistics of two different models never mix);
+how they are collected is ``recorder.py``'s business. Files are safetensors + JSON metadata
+(never pickle). ``meta["model_fingerprint"]`` (written by ``record``, see
+``lape_kernels.fingerprint``) names the model the numbers come from.
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..files import open_safetensors
+from ..fingerprint import check_model, check_one_model, recorded_model, unknown_note
+from ..introspection import model_shape
 from ..languages import check_languages
 
-__all__ = ["ActivationStats", "StatsByLanguage", "check_same_shape", "safe_file_stem"]
+__all__ = ["ActivationStats", "StatsByLanguage", "check_same_shape", "check_same_model", "safe_file_stem"]
 
 _STATS_FORMAT = "lape_kernels.ActivationStats"
 _SET_FORMAT = "lape_kernels.StatsByLanguage"
@@ -54,9 +59,9 @@ class ActivationStats:
 
     ``over_zero`` int64 [L, I]: tokens with act(gate) > 0; ``act_sum`` float64 [L, I] (None when
     unknown, e.g. built from the LAPE reference's dict); ``n_tokens``: tokens seen (each counted
-    once, not once per layer); ``meta``: JSON-serialisable facts (model, language, dtype, ...).
-    The three numbers are read-only properties (``record`` yields a subclass whose values
-    follow the recording).
+    once, not once per layer); ``meta``: JSON-serialisable facts (model, its fingerprint,
+    language, dtype, ...). The three numbers are read-only properties (``record`` yields a
+    subclass whose values follow the recording). ``source``: the file it was loaded from.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class ActivationStats:
         self._act_sum = act_sum
         self._n_tokens = n_tokens
         self.meta = dict(meta)
+        self.source: Optional[str] = None
 
     @property
     def over_zero(self) -> torch.Tensor:
@@ -121,6 +127,41 @@ class ActivationStats:
     @property
     def shape(self) -> Tuple[int, int]:
         return (self.num_layers, self.intermediate_size)
+
+    @property
+    def model_fingerprint(self) -> Optional[str]:
+        """The fingerprint of the model these numbers come from (None: unknown, see ``notes``)."""
+        return recorded_model(self.meta)[0]
+
+    @property
+    def notes(self) -> List[str]:
+        """What is not known about these statistics (e.g. no model fingerprint: an old file)."""
+        if self.model_fingerprint is not None:
+            return []
+        if "model_fingerprint" in self.meta:  # record() could not read the weights
+            return [unknown_note(self._label(), "the model's weights could not be read when recording: meta or "
+                                                "sharded tensors")]
+        return [unknown_note(self._label())]
+
+    def _label(self) -> str:
+        lang = self.meta.get("language")
+        if self.source is not None:
+            return f"statistics {self.source}"
+        return f"statistics of {lang!r}" if lang is not None else "these statistics"
+
+    def validate(self, model: Any, *, allow_other_model: bool = False) -> "ActivationStats":
+        """Check these statistics belong to ``model`` (a HF model, or a config for the shape only):
+        ``[layers, intermediate]`` shape, and, for a model, its fingerprint (``ModelMismatchError``
+        naming both models; ``allow_other_model=True`` for a deliberate transfer). Unknown
+        fingerprints are accepted (see ``notes``). Returns ``self``."""
+        num_layers, inter = model_shape(model)
+        if (num_layers, inter) != self.shape:
+            raise ValueError(f"{self._label()} have shape [layers, intermediate] = {list(self.shape)}, "
+                             f"the model has {[num_layers, inter]}")
+        if isinstance(model, torch.nn.Module):
+            check_model(self.model_fingerprint, recorded_model(self.meta)[1], model, self._label(),
+                        allow_other_model=allow_other_model, way_out="pass validate(model, allow_other_model=True)")
+        return self
 
     def __repr__(self) -> str:
         lang = self.meta.get("language")
@@ -151,6 +192,7 @@ class ActivationStats:
         if not isinstance(other, ActivationStats):
             raise TypeError(f"can only add ActivationStats to ActivationStats, got {type(other).__name__}")
         check_same_shape({"left": self, "right": other}, "add")
+        check_same_model({"left": self, "right": other}, "add")
         act_sum = None if self.act_sum is None or other.act_sum is None else self.act_sum + other.act_sum
         # meta: keep what both shards agree on (a key only one side has is kept too)
         meta = dict(other.meta)
@@ -226,24 +268,36 @@ class ActivationStats:
 
     @classmethod
     def load(cls, path: PathLike) -> "ActivationStats":
-        from safetensors import safe_open
-
+        """Read a file written by :meth:`save`; every error names the file and the cause. A file
+        without a model fingerprint (written before they existed) loads, see ``notes``."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no ActivationStats file at {str(path)!r}")
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             md = f.metadata() or {}
             if md.get("format") != _STATS_FORMAT:
                 raise ValueError(
                     f"{str(path)!r} is not an ActivationStats file (metadata format {md.get('format')!r}); "
                     "for the LAPE reference's torch.save dict use ActivationStats.from_lape_dict"
                 )
-            if int(md.get("version", "0")) > _VERSION:
+            try:
+                version, n_tokens = int(md.get("version", "0")), int(md["n_tokens"])
+                meta = json.loads(md.get("meta", "{}"))
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"{str(path)!r}: malformed ActivationStats metadata ({type(exc).__name__}: {exc})") from None
+            if version > _VERSION:
                 raise ValueError(f"{str(path)!r} has format version {md['version']}, newer than this library's {_VERSION}")
             keys = set(f.keys())
+            if "over_zero" not in keys:
+                raise ValueError(f"{str(path)!r}: no 'over_zero' tensor (has {sorted(keys)})")
             over_zero = f.get_tensor("over_zero")
             act_sum = f.get_tensor("act_sum") if "act_sum" in keys else None
-        return cls(over_zero, act_sum, int(md["n_tokens"]), json.loads(md.get("meta", "{}")))
+        try:
+            stats = cls(over_zero, act_sum, n_tokens, meta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{str(path)!r}: {exc}") from None
+        stats.source = str(path)
+        return stats
 
 
 def check_same_shape(stats: Mapping[str, ActivationStats], action: str) -> Tuple[int, int]:
@@ -262,6 +316,14 @@ def check_same_shape(stats: Mapping[str, ActivationStats], action: str) -> Tuple
                 f"{list(b)} ({first_name!r} vs {name!r}: shapes differ; stats of different models?)"
             )
     return first.shape
+
+
+def check_same_model(stats: Mapping[str, ActivationStats], action: str) -> Optional[str]:
+    """The rule for combining statistics across shards or languages: they come from one model
+    (equal fingerprints where known; ``ModelMismatchError`` names two entries and their models).
+    Returns the common fingerprint (None if none is known)."""
+    labels = {name: repr(name) + (f" ({s.source})" if s.source else "") for name, s in stats.items()}
+    return check_one_model({labels[name]: recorded_model(s.meta) for name, s in stats.items()}, action)[0]
 
 
 def safe_file_stem(lang: str, index: int) -> str:
@@ -292,6 +354,18 @@ class StatsByLanguage(dict):
                 if not isinstance(stats[lang], ActivationStats):
                     raise TypeError(f"stats[{lang!r}] must be ActivationStats, got {type(stats[lang]).__name__}")
                 self[lang] = stats[lang]
+            check_same_model(self, "group")
+
+    @property
+    def model_fingerprint(self) -> Optional[str]:
+        """The fingerprint of the model (the languages' common one; None: unknown)."""
+        return check_same_model(self, "group") if self else None
+
+    def validate(self, model: Any, *, allow_other_model: bool = False) -> "StatsByLanguage":
+        """:meth:`ActivationStats.validate` for every language. Returns ``self``."""
+        for entry in self.values():
+            entry.validate(model, allow_other_model=allow_other_model)
+        return self
 
     def set_batch_languages(self, ids: Any) -> None:
         """Only while recording (see ``record``): these statistics are no longer collected."""
@@ -327,8 +401,19 @@ class StatsByLanguage(dict):
         index_path = directory / _INDEX
         if not index_path.is_file():
             raise FileNotFoundError(f"no StatsByLanguage at {str(directory)!r} (missing {_INDEX})")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != _SET_FORMAT:
-            raise ValueError(f"{str(index_path)!r} is not a StatsByLanguage index (format {index.get('format')!r})")
-        languages = index["languages"]
-        return cls(languages, {lang: ActivationStats.load(directory / index["files"][lang]) for lang in languages})
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{str(index_path)!r}: not a valid JSON index ({type(exc).__name__}: {exc})") from None
+        if not isinstance(index, dict) or index.get("format") != _SET_FORMAT:
+            got = index.get("format") if isinstance(index, dict) else type(index).__name__
+            raise ValueError(f"{str(index_path)!r} is not a StatsByLanguage index (format {got!r})")
+        languages, files = index.get("languages"), index.get("files")
+        if not isinstance(languages, list) or not isinstance(files, dict) or any(l not in files for l in languages):
+            raise ValueError(f"{str(index_path)!r}: malformed index ('languages' must be a list, each with an entry "
+                             "in 'files')")
+        loaded = {lang: ActivationStats.load(directory / files[lang]) for lang in languages}
+        try:
+            return cls(languages, loaded)
+        except ValueError as exc:  # e.g. languages of different models
+            raise type(exc)(f"{str(directory)!r}: {exc}") from None

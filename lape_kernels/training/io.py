@@ -4,6 +4,11 @@
 small ``lape_config.json``: kilobytes to megabytes, like a LoRA adapter. ``load_neurons`` puts
 them onto a fresh copy of the base model (patched, trainable again); ``merge`` writes them into
 the base weights and unpatches, leaving a plain HF model for ``save_pretrained``.
+
+The config records the base model's fingerprint (``lape_kernels.fingerprint``; the trainable
+slices are not part of it), and ``load_neurons`` refuses another base model unless told
+``allow_other_model=True``. Directories saved before fingerprints existed load as before, with
+a note saying their model is unknown.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from torch import nn
 
 from .. import patching
 from ..dtypes import FLOAT_DTYPES, dtype_name
+from ..files import load_safetensors
+from ..fingerprint import check_model, model_fingerprint, unknown_note
 from ..introspection import mlp_shape, text_config
 from ..neurons.neuron_set import check_layer_indices
 from .loss import install_chunked_loss
@@ -77,6 +84,7 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **info,
+        "model_fingerprint": model_fingerprint(model),
         "dtype": dtype_name(dtype),
         "counts": counts,
         "total_neurons": sum(counts),
@@ -88,9 +96,6 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
 
 
 def _read(path: Path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory written by save_neurons")
@@ -99,7 +104,7 @@ def _read(path: Path):
             raise FileNotFoundError(f"{p} is missing (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NeuronFileError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise NeuronFileError(f"{cfg_path}: not a lape_neurons config (format={config.get('format') if isinstance(config, dict) else None!r})")
@@ -108,16 +113,15 @@ def _read(path: Path):
     for key in ("model_type", "num_layers", "hidden_size", "intermediate_size", "counts", "dtype"):
         if key not in config:
             raise NeuronFileError(f"{cfg_path}: missing {key!r}")
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise NeuronFileError(f"{w_path}: cannot read safetensors file ({e})") from None
-    return config, tensors
+    return config, load_safetensors(w_path, NeuronFileError)
 
 
-def load_neurons(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+def load_neurons(model: nn.Module, path: Union[str, Path], *, allow_other_model: bool = False) -> nn.Module:
     """Patch a fresh base ``model`` with the neurons saved at ``path`` and install their trained
-    values (trainable again). Errors clearly if the file does not fit the model."""
+    values (trainable again). Errors clearly if the file does not fit the model; a different base
+    model of the same shape (another fingerprint) is a ``ModelMismatchError`` naming both, unless
+    ``allow_other_model=True`` (a deliberate transfer, e.g. onto the instruct variant). What the
+    check could not decide or waived is kept in ``model._lape_sparse["notes"]``."""
     path = Path(path)
     if has_trainable_neurons(model):
         raise RuntimeError("load_neurons expects a base model without trainable neurons (merge or unpatch it first)")
@@ -125,6 +129,13 @@ def load_neurons(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if config["model_type"] != model_type:
         raise NeuronFileError(f"{path}: neurons were trained on model_type {config['model_type']!r}, model is {model_type!r}")
+    note = None
+    if all(config[key] == value for key, value in mlp_shape(model)._asdict().items()):  # else _install says which
+        note = check_model(config.get("model_fingerprint"), config.get("base_model_name_or_path"), model,
+                           f"saved neurons {path}", allow_other_model=allow_other_model,
+                           way_out="pass load_neurons(..., allow_other_model=True)")
+        if "model_fingerprint" in config and config["model_fingerprint"] is None:
+            note = unknown_note(f"saved neurons {path}", "the model's weights could not be read when saving")
     was_patched = patching.is_patched(model)
     patching.patch_mlps(model)
     install_chunked_loss(model)
@@ -134,6 +145,7 @@ def load_neurons(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         if not was_patched:
             patching.unpatch(model)
         raise
+    model._lape_sparse["notes"] = [note] if note else []
     return model
 
 

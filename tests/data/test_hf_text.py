@@ -88,3 +88,44 @@ def test_load_text_dataset_errors(tmp_path):
         load_text_dataset(DatasetDict({"test": Dataset.from_dict({"text": ["a"]})}), val_fraction=0.5)
     with pytest.raises(TypeError, match="spec must be"):
         load_text_dataset([])
+
+
+@pytest.mark.parametrize("content, cause", [
+    (b"", "empty text file (0 bytes, no text)"),
+    (b"\n  \n\t\n", "empty text file (6 bytes, no text)"),
+    (b"good line\n\xff\xfe bad\n", "not valid utf-8 text: byte 0xff at offset 10 (invalid start byte)"),
+    (b"caf\xc3", "not valid utf-8 text: byte 0xc3 at offset 3 (unexpected end of data)"),
+])
+def test_unreadable_text_file_is_one_line_naming_it(tmp_path, content, cause):
+    """Before: "DatasetGenerationError: An error occurred while generating the dataset"."""
+    path = tmp_path / "cy.txt"
+    path.write_bytes(content)
+    for spec in (path, [str(path)], {"train": str(path)}, tmp_path):
+        with pytest.raises(ValueError) as info:
+            load_text_dataset(spec)
+        assert str(info.value).startswith(f"{path}: {cause}") and "\n" not in str(info.value), info.value
+
+
+def test_invalid_utf8_far_into_a_file_names_its_offset(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_bytes(("ł" * 700_000).encode() + b"\xc5\n")  # past the 1 MiB read chunk, mid-character
+    with pytest.raises(ValueError, match=f"byte 0xc5 at offset {1_400_000}"):
+        load_text_dataset(path)
+    path.write_bytes(b"ok\n\xff\n")
+    assert load_text_dataset(path, encoding_errors="replace")["train"]["text"] == ["ok", "\ufffd"]
+
+
+def test_unreadable_json_and_csv_files_name_the_file(tmp_path):
+    empty = tmp_path / "train.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"^{empty}: empty json file"):
+        load_text_dataset(empty)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{bad\n')
+    with pytest.raises(ValueError, match=f"^{broken}: cannot read as json: ArrowInvalid: JSON parse error") as info:
+        load_text_dataset(broken)
+    assert "\n" not in str(info.value)
+    csv = tmp_path / "c.csv"
+    csv.write_text('text\n"unterminated\n')
+    with pytest.raises(ValueError, match=f"^{csv}: cannot read as csv: "):
+        load_text_dataset(csv)

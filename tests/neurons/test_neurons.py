@@ -246,7 +246,7 @@ def test_lape_format_bad_files(tmp_path):
         NeuronSet.load(d)
     d = variant("garbage")
     (d / "neurons.safetensors").write_bytes(b"\x00" * 30)
-    with pytest.raises(NeuronSetFormatError, match="cannot read safetensors"):
+    with pytest.raises(NeuronSetFormatError, match=f"^{d / 'neurons.safetensors'}: not a valid safetensors file: "):
         NeuronSet.load(d)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(NeuronSetFormatError, match="cannot read neuron-set JSON"):
