@@ -17,8 +17,9 @@ so it is computed whenever statistics are recorded or neurons are saved or check
 
 What it decides: a model whose weights differ in a sampled position (any fine-tuning, a
 different checkpoint, another model of the same shape) gets another fingerprint; moving or
-renaming the model directory, loading it on another device, or the bf16 copy of an fp32 model
-(whose values are exactly the fp32 values rounded to bf16) keep it. An fp16 copy or a quantised
+renaming the model directory, loading it on another device, wrapping it in DDP or
+``torch.compile``, or the bf16 copy of an fp32 model (whose values are exactly the fp32 values
+rounded to bf16) keep it. An fp16 copy or a quantised
 model usually gets another one (fp16's rounding is not bf16's): such a use needs the explicit
 ``allow_other_model=True``. A change confined to elements outside the sample is not seen: this
 is a guard against mixing up models, not an integrity hash. Parameters the library adds (names
@@ -101,6 +102,17 @@ def _sample(t: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # a tensor subclass (sharded DTensor, quantised weights) that cannot be indexed here
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers: the
+    wrapper has no config or embeddings of its own, and must not change the fingerprint."""
+    while not hasattr(model, "config"):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
 def _is_sharded(t: torch.Tensor) -> bool:
     """A DTensor holds one shard per process: indexing it would start a collective."""
     try:
@@ -114,6 +126,7 @@ def _is_sharded(t: torch.Tensor) -> bool:
 def model_fingerprint(model: nn.Module) -> Optional[str]:
     """``"v1:<32 hex digits>"`` identifying ``model``'s weights (see the module docstring for what
     it covers), or ``None`` when the weights cannot be read here (meta or sharded tensors)."""
+    model = _unwrapped(model)
     config = text_config(model)
     arch = {f: getattr(config, f) for f in ARCHITECTURE_FIELDS if getattr(config, f, None) is not None}
     h = hashlib.sha256()

@@ -112,6 +112,11 @@ def test_multimodal_wrapper_and_its_language_model_agree():
     assert lk.model_fingerprint(mm) == lk.model_fingerprint(mm.model.language_model)
 
 
+def test_compiled_wrapper_has_the_models_fingerprint():
+    model = tiny_model("qwen3")
+    assert lk.model_fingerprint(torch.compile(model)) == lk.model_fingerprint(model)
+
+
 def test_unreadable_weights_give_none():
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +143,7 @@ PINNED = "v1:239438bb695437d822914a4b909b3ea4"
 
 
 _SHARDED = r'''
-import sys, tempfile, torch.distributed as dist
+import sys, tempfile, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 import lape_kernels as lk
 from lape_kernels.introspection import decoder_layers
@@ -147,14 +152,18 @@ dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg", r
 model = tiny_model("llama")
 for layer in decoder_layers(model)[1]:
     fully_shard(layer)
+plain = tiny_model("llama")
+ddp = torch.nn.parallel.DistributedDataParallel(plain)
+print(lk.model_fingerprint(ddp) == lk.model_fingerprint(plain))
 fully_shard(model)
 print(lk.model_fingerprint(model))
 dist.destroy_process_group()
 '''
 
 
-def test_sharded_model_is_unknown_not_a_collective():
-    """FSDP2 parameters are DTensors: reading them would need every process; None instead."""
+def test_ddp_wrapper_is_transparent_sharded_model_is_unknown():
+    """DDP adds a wrapper without config: the fingerprint is the wrapped model's. FSDP2
+    parameters are DTensors: reading them would need every process; None instead."""
     proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "None"
+    assert proc.stdout.split() == ["True", "None"]  # DDP: the wrapped model's; FSDP2: unknown
