@@ -41,6 +41,8 @@ _SIZES = {
     "vocab_size": VOCAB, "max_position_embeddings": 256, "n_positions": 256,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "moe_topk": 2, "sliding_window": 16,
+    # state-space mixers of hybrid models: heads * head size = expand * hidden
+    "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16,
 }
 #: attributes set even when the default is None (attention code divides by them)
 _FILL_NONE = {"head_dim": 16, "num_key_value_heads": 2}
@@ -64,6 +66,25 @@ def causal_lm_types() -> List[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _layers_to_keep(config: Any, n: int) -> int:
+    """At least ``n`` layers, and enough that every kind of layer of the full model is in the tiny
+    one (the first MoE layer after ``first_k_dense_replace`` dense ones, the first full-attention
+    layer among sliding ones): a tiny model without them would prove a different architecture."""
+    kinds = [n]
+    first_dense = getattr(config, "first_k_dense_replace", None)
+    if isinstance(first_dense, int) and first_dense > 0:
+        kinds.append(first_dense + 1)
+    for key in _LAYER_LISTS:
+        cur = getattr(config, key, None)
+        if isinstance(cur, (list, tuple)) and cur:
+            seen = []
+            for i, kind in enumerate(cur):
+                if kind not in seen:
+                    seen.append(kind)
+                    kinds.append(i + 1)
+    return min(max(kinds), 8)
+
+
 def _shrink(config: Any) -> None:
     for key, small in _SIZES.items():
         cur = getattr(config, key, None)
@@ -75,23 +96,48 @@ def _shrink(config: Any) -> None:
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
     n = getattr(config, "num_hidden_layers", None)
-    for key in _LAYER_LISTS:
-        cur = getattr(config, key, None)
-        if isinstance(n, int) and isinstance(cur, (list, tuple)) and len(cur) > n:
-            with contextlib.suppress(Exception):
-                setattr(config, key, list(cur[:n]))
+    if isinstance(n, int):
+        n = _layers_to_keep(config, n)
+        with contextlib.suppress(Exception):
+            config.num_hidden_layers = n
+        for key in _LAYER_LISTS:
+            cur = getattr(config, key, None)
+            if isinstance(cur, (list, tuple)) and len(cur) > n:
+                with contextlib.suppress(Exception):
+                    setattr(config, key, list(cur[:n]))
     for key, value in _TOKEN_IDS.items():
         cur = getattr(config, key, None)
         if isinstance(cur, int) and cur >= VOCAB:
             setattr(config, key, value)
         elif isinstance(cur, list):
             setattr(config, key, [c if c < VOCAB else value for c in cur])
+    if isinstance(getattr(config, "mamba_d_ssm", None), int) and isinstance(getattr(config, "mamba_n_heads", None), int):
+        with contextlib.suppress(Exception):
+            config.mamba_d_ssm = config.mamba_n_heads * config.mamba_d_head
     if isinstance(getattr(config, "qk_rope_head_dim", None), int) and hasattr(config, "head_dim"):
-        with contextlib.suppress(Exception):  # multi-head latent attention: rotary size is head_dim
-            config.head_dim = config.qk_rope_head_dim
+        with contextlib.suppress(Exception):  # multi-head latent attention: rotary size is head_dim,
+            config.head_dim = config.qk_rope_head_dim  # and keys have every query head
+            config.num_key_value_heads = config.num_attention_heads
     for key, cur in list(vars(config).items()):  # deterministic training: no dropout anywhere
         if isinstance(cur, float) and ("dropout" in key or "pdrop" in key):
             setattr(config, key, 0.0)
+
+
+def _config_parts(config: Any) -> List[Any]:
+    """The config and every config nested in it (text, vision, audio ...), each once."""
+    from transformers import PretrainedConfig
+
+    parts, todo = {}, [config]
+    while todo:
+        c = todo.pop()
+        if id(c) in parts:
+            continue
+        parts[id(c)] = c
+        todo += [v for v in vars(c).values() if isinstance(v, PretrainedConfig)]
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config()
+        parts.setdefault(id(text), text)
+    return list(parts.values())
 
 
 def tiny_config(model_type: str) -> Any:
@@ -99,8 +145,7 @@ def tiny_config(model_type: str) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type, **TINY_OVERRIDES.get(model_type, {}))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for part in {id(config): config, id(text): text}.values():
+    for part in _config_parts(config):
         _shrink(part)
     config._attn_implementation = "eager"
     return config
@@ -360,12 +405,25 @@ def check_training(model: nn.Module) -> None:
     if not got[-1] < got[0]:
         raise AssertionError(f"training did not lower the loss: {got}")
     oracle.eval()
+    trained = [p.detach().clone() for p in lk.trainable_parameters(ours)]
     merged = lk.merge(ours).eval()
     if lk.is_patched(merged) or any(n.startswith("lape_") or ".lape_" in n for n, _ in merged.named_parameters()):
         raise AssertionError("merge did not return a plain model")
     assert list(merged.state_dict()) == list(model.state_dict()), "merge changed the state_dict's keys"
+    # exactly the trained slices written into the selected rows/columns, nothing else changed
+    for m, b, sel, (pg, pu, pd) in zip(_mlps(merged), _mlps(base), neurons, zip(*[iter(trained)] * 3)):
+        (wg, wu, wd), (bg, bu, bd) = m.family.weights(m.module), b.family.weights(b.module)
+        rest = torch.ones(wg.shape[0], dtype=torch.bool)
+        rest[sel] = False
+        assert torch.equal(wg[sel], pg) and torch.equal(wu[sel], pu) and torch.equal(wd[:, sel], pd), "merged slices"
+        assert torch.equal(wg[rest], bg[rest]) and torch.equal(wu[rest], bu[rest]) and torch.equal(wd[:, rest], bd[:, rest])
+    # the trained function: the merged plain model against slice training (fp32 summation order
+    # differs between 4 small matmuls and 2 dense ones: relative, not bitwise)
     ids, mask = _batch("right", seed=6)
-    torch.testing.assert_close(_logits(merged, ids, mask), _logits(oracle, ids, mask), rtol=1e-5, atol=1e-5)
+    got, want = _logits(merged, ids, mask), _logits(oracle, ids, mask)
+    diff, scale = float((got - want).abs().max()), float(want.abs().max())
+    if diff > 1e-5 * scale:
+        raise AssertionError(f"merged logits differ from slice training's by {diff:.3g} (scale {scale:.3g})")
 
 
 CHECKS: Dict[str, Callable[[nn.Module], None]] = {
@@ -398,8 +456,8 @@ def classify(model_type: str) -> Dict[str, Any]:
         return {"status": "untestable", "reason": f"tiny model cannot be built offline ({_one_line(exc)})"}
     size = sum(p.numel() for p in model.parameters())
     if size > MAX_TINY_PARAMETERS:
-        return {"status": "untestable", "reason": f"the shrunk config still has {size / 1e6:.0f}M parameters (towers "
-                                                  "for other modalities at full size)"}
+        return {"status": "untestable", "reason": f"the shrunk config still has {size / 1e6:.0f}M parameters (sizes "
+                                                  "the generic shrink does not reach, e.g. towers for other modalities)"}
     try:
         lk.check_model(model)
     except UnsupportedModelError as exc:

@@ -4,12 +4,12 @@ pieces are (decoder layers, the MLP's weights and biases, the activation, the mo
 Pure functions of a model or config: no state is kept and nothing is changed here. Patching,
 statistics, identification and training all read a model through this package, so each of those
 facts has one owner. ``discovery`` finds MLPs by structure and proves them by probing;
-``registry`` holds explicit overrides; ``coverage`` reports what the test matrix proved.
+``registry`` holds explicit overrides; ``tested`` reports what the test matrix proved.
 """
 from __future__ import annotations
 
 from .activations import KERNEL_ACTIVATIONS, UnknownActivation, kernel_activation
-from .coverage import coverage, supported_model_types
+from .tested import COVERAGE_FILE, coverage, supported_model_types
 from .discovery import (HOW_TO_CHECK, Discovery, GatedMLP, MLPShape, decoder_body, decoder_layers, discover,
                         family_for, mlp_modules, mlp_shape)
 from .family import FUSED_LAYOUTS, MLPFamily, UnsupportedModelError
@@ -33,6 +33,7 @@ __all__ = [
     "HOW_TO_CHECK",
     "supported_model_types",
     "coverage",
+    "COVERAGE_FILE",
     "family_for",
     "mlp_modules",
     "text_config",

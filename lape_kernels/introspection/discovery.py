@@ -121,7 +121,7 @@ def _find_layers(model: nn.Module) -> Tuple[nn.Module, nn.ModuleList, str]:
     root = _language_model(model)
     prefix = next((n for n, m in model.named_modules() if m is root), "")
     n_layers = getattr(text_config(model), "num_hidden_layers", None)
-    best = None
+    best, gated_lists = None, []
     for path, module in root.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
@@ -131,6 +131,8 @@ def _find_layers(model: nn.Module) -> Tuple[nn.Module, nn.ModuleList, str]:
         gated = any(_shape_match(c) for _, c in block.named_children())
         ffn = gated or any(_is_moe(c) for _, c in block.named_children())
         score = (gated, ffn, len(module) == n_layers)
+        if gated and len(module) == n_layers:
+            gated_lists.append(path)
         if best is None or score > best[0]:
             best = (score, path, module)
     if best is None:
@@ -138,7 +140,27 @@ def _find_layers(model: nn.Module) -> Tuple[nn.Module, nn.ModuleList, str]:
                       f"(no ModuleList of blocks under {type(root).__name__})")
     _, path, layers = best
     full = f"{prefix}.{path}" if prefix else path
-    return _parent(root, path), layers, full
+    if len(gated_lists) > 1:
+        raise _refuse(f"{type(model).__name__} (model_type {model_type(model)!r}) has several stacks of gated decoder "
+                      f"layers ({', '.join(gated_lists)}): one LAPE layer axis cannot describe them")
+    body = _parent(root, path)
+    if not _takes_tokens(body):
+        raise _refuse(f"{type(model).__name__} (model_type {model_type(model)!r}): the decoder layers at {full} are "
+                      f"run by {type(body).__name__}, which takes no input_ids/inputs_embeds: its tokens (and padding) "
+                      "cannot be told apart")
+    return body, layers, full
+
+
+def _takes_tokens(body: nn.Module) -> bool:
+    """Whether the module that runs the layers is called with the tokens (where ``record`` reads
+    the attention mask and counts tokens)."""
+    import inspect
+
+    try:
+        params = inspect.signature(body.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "input_ids" in params or "inputs_embeds" in params
 
 
 # ------------------------------------------------------------------------- structure
@@ -148,7 +170,8 @@ def _is_moe(module: nn.Module) -> bool:
     """Experts: a submodule named ``experts`` (or ``expert``), or stacked 3-D expert weights."""
     if any(name.rpartition(".")[2] in ("experts", "expert") for name, _ in module.named_modules() if name):
         return True
-    return any(p.dim() == 3 for p in module.parameters())
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # 3-D kernels of their own (state-space mixers)
+    return any(p.dim() == 3 for m in module.modules() if not isinstance(m, convs) for p in m.parameters(recurse=False))
 
 
 def _linears(module: nn.Module) -> List[Tuple[str, nn.Linear]]:
@@ -254,6 +277,10 @@ def _candidates(block: nn.Module, override: Optional[MLPFamily]) -> List[_Candid
 def _pick(block: nn.Module, where: str, override: Optional[MLPFamily]) -> _Candidate:
     """The one gated MLP of a decoder layer (or why there is none)."""
     cands = _candidates(block, override)
+    moe = [n for n, c in block.named_children() if "attn" not in n and "attention" not in n and _is_moe(c)]
+    if moe:  # a dense (shared) MLP beside the experts is only part of the layer's FFN
+        raise _refuse(f"{where}: its feed-forward {moe[0]} ({type(block.get_submodule(moe[0])).__name__}) is a "
+                      "mixture of experts, not a dense gated MLP (expert neurons are not supported yet)")
     clean = [c for c in cands if not c.problems]
     if len(clean) > 1:
         with_act = [c for c in clean if c.activations]
@@ -267,10 +294,6 @@ def _pick(block: nn.Module, where: str, override: Optional[MLPFamily]) -> _Candi
         c = cands[0]
         raise _refuse(f"{where}: {c.name} ({type(c.module).__name__}) has a gated shape but is not our math: "
                       + "; ".join(c.problems))
-    moe = sorted((n for n, c in block.named_children() if _is_moe(c)), key=lambda n: "attn" in n or "attention" in n)
-    if moe:
-        raise _refuse(f"{where}: its feed-forward {moe[0]} ({type(block.get_submodule(moe[0])).__name__}) is a "
-                      "mixture of experts, not a dense gated MLP (expert neurons are not supported yet)")
     ffn = [f"{n} ({type(c).__name__})" for n, c in block.named_children() if _linears(c)]
     raise _refuse(f"{where} has no gated MLP (no child with gate/up/down or fused gate_up Linear layers; "
                   f"children with Linear layers: {', '.join(ffn) or 'none'})")
@@ -313,10 +336,13 @@ def _prove(cand: _Candidate, where: str) -> Tuple[MLPFamily, str, Optional[nn.Mo
         acts = [(k, fn, None) for k, fn in _FUNCTIONAL_ACTIVATIONS]
     ref = cand.readings[0]
     w = (getattr(module, ref.gate_up_name) if ref.fused_gate_up else getattr(module, ref.gate_name)).weight
-    if w.is_meta:
+    if w.is_meta:  # offloaded / not materialised: only a reading the names make unambiguous
         family = cand.readings[0]
-        if len(cand.readings) > 1 or len(acts) > 1:
-            raise _refuse(f"{where}: {cand.name} is on the meta device and its reading is ambiguous without running it")
+        named = len(cand.readings) == 1 or (not family.fused_gate_up and family.gate_name in _GATE_HINTS
+                                            and cand.readings[1].gate_name not in _GATE_HINTS)
+        if not named or len(acts) > 1:
+            raise _refuse(f"{where}: {cand.name} is on the meta device and its reading is ambiguous without running "
+                          "it (materialise the weights, or register its family)")
         return _with_act(family, acts[0][2]), acts[0][0], acts[0][1] if isinstance(acts[0][1], nn.Module) else None
     x = _probe_input(w.shape[1], w.dtype, w.device)
     x2 = x.reshape(-1, x.shape[-1])
@@ -391,7 +417,8 @@ def discover(model: nn.Module, probe: bool = True) -> Discovery:
             act_module = act if isinstance(act, nn.Module) else None
         found.append(GatedMLP(index, f"{path}.{index}.{cand.name}", cand.module, family, kernel, act_module))
     _refuse_shared(found)
-    return Discovery(model_type(model), body, layers, path, tuple(found), probe)
+    probed = probe and not any(m.family.weights(m.module)[0].is_meta for m in found)
+    return Discovery(model_type(model), body, layers, path, tuple(found), probed)
 
 
 def _refuse_shared(mlps: Sequence[GatedMLP]) -> None:

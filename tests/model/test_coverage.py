@@ -11,9 +11,9 @@ import pytest
 
 import lape_kernels as lk
 from lape_kernels import model_matrix
-from lape_kernels.introspection import coverage as coverage_file
+from lape_kernels.introspection import COVERAGE_FILE
 
-DATA = json.loads(coverage_file.COVERAGE_FILE.read_text())
+DATA = json.loads(COVERAGE_FILE.read_text())
 TYPES = DATA["model_types"]
 SUPPORTED = sorted(t for t, v in TYPES.items() if v["status"] == "supported")
 REFUSED = sorted(t for t, v in TYPES.items() if v["status"] == "refused")

@@ -288,3 +288,17 @@ def test_check_model_reports_what_it_found():
     assert "olmo2" in text and "2 decoder layers at model.layers" in text and "activation silu" in text
     assert found.probed and [m.layer_index for m in found.mlps] == [0, 1]
     assert [m.path for m in found.mlps] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+def test_meta_device_model_is_read_from_unambiguous_names_only():
+    with torch.device("meta"):
+        import transformers as tf
+
+        llama = tf.LlamaForCausalLM(model_matrix.tiny_config("llama"))
+    found = introspection.discover(llama)
+    assert not found.probed and "NOT probed" in str(found)
+    assert found.mlps[0].family.gate_name == "gate_proj" and found.mlps[0].activation == "silu"
+    with torch.device("meta"):
+        fused = _llama_with(lambda: _FusedMLP("gate_up", nn.SiLU())).to("meta")
+    with pytest.raises(UnsupportedModelError, match="meta device and its reading is ambiguous"):
+        introspection.discover(fused)
