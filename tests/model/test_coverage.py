@@ -17,8 +17,6 @@ DATA = json.loads(COVERAGE_FILE.read_text())
 TYPES = DATA["model_types"]
 SUPPORTED = sorted(t for t, v in TYPES.items() if v["status"] == "supported")
 REFUSED = sorted(t for t, v in TYPES.items() if v["status"] == "refused")
-#: checks above this many seconds for a type (mamba/recurrent kernels in plain PyTorch) run in the slow suite
-SLOW_SECONDS = 6.0
 #: the issue's list: these must stay supported
 REQUIRED = ("olmo", "olmo2", "olmo3", "granite", "cohere", "cohere2", "glm", "glm4", "helium", "smollm3", "exaone4",
             "ministral", "stablelm", "seed_oss", "hunyuan_v1_dense", "ernie4_5", "llama", "mistral", "qwen2", "qwen3",
@@ -48,7 +46,7 @@ def _marks(model_type: str, check: str):
     marks = []
     if check in v.get("xfail", []):
         marks.append(pytest.mark.xfail(strict=True, reason="HF-exact rounding: kernels branch, issue #10"))
-    if v.get("seconds", 0.0) > SLOW_SECONDS:
+    if v.get("slow"):  # recorded by the script: checks too slow for the fast suite
         marks.append(pytest.mark.slow)
     return marks
 
