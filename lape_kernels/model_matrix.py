@@ -22,7 +22,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 __all__ = ["causal_lm_types", "tiny_config", "tiny_model_of_type", "CHECKS", "run_check", "classify",
            "hf_exact_act_mul", "TINY_OVERRIDES"]
@@ -307,47 +306,13 @@ def check_counts(model: nn.Module) -> None:
         torch.testing.assert_close(stats.act_sum, want_sum, rtol=1e-5, atol=1e-4)
 
 
-class _ScatterRows(nn.Module):
-    """W -> W with ``rows`` of dim ``dim`` replaced by trainable slices (the paper's clone and
-    scatter, with dense autograd through the full weight)."""
-
-    def __init__(self, rows: List[torch.Tensor], weight: torch.Tensor, dim: int):
-        super().__init__()
-        self.register_buffer("rows", torch.cat(rows))
-        self.slices = nn.ParameterList([nn.Parameter(weight.index_select(dim, r).clone()) for r in rows])
-        self.dim = dim
-
-    def forward(self, w):
-        return w.index_copy(self.dim, self.rows, torch.cat(list(self.slices), dim=self.dim))
-
-
 def _slice_oracle(model: nn.Module, neurons: List[torch.Tensor]) -> Tuple[nn.Module, List[nn.Parameter]]:
-    """An unpatched copy training only the selected neurons' rows/columns through dense weights;
-    the slices in the order of ``lk.trainable_parameters`` (gate rows, up rows, down cols per layer)."""
+    """An unpatched copy training only the selected neurons through dense weights (the paper's
+    clone and scatter: ``lape_kernels.testing.slice_training``) and its slices."""
+    from .testing import slice_training
+
     oracle = copy.deepcopy(model)
-    for p in oracle.parameters():
-        p.requires_grad_(False)
-    params: List[nn.Parameter] = []
-    for m, sel in zip(_mlps(oracle), neurons):
-        fam, mod = m.family, m.module
-        inter = fam.weights(mod)[0].shape[0]
-        gate_rows, up_rows = fam.gate_rows(inter, sel)
-        if fam.fused_gate_up:
-            lin = getattr(mod, fam.gate_up_name)
-            scat = _ScatterRows([gate_rows, up_rows], lin.weight, 0)
-            parametrize.register_parametrization(lin, "weight", scat)
-            params += list(scat.slices)
-        else:
-            for name, rows in ((fam.gate_name, gate_rows), (fam.up_name, up_rows)):
-                lin = getattr(mod, name)
-                scat = _ScatterRows([rows], lin.weight, 0)
-                parametrize.register_parametrization(lin, "weight", scat)
-                params += list(scat.slices)
-        down = getattr(mod, fam.down_name)
-        scat = _ScatterRows([sel], down.weight, 1)
-        parametrize.register_parametrization(down, "weight", scat)
-        params += list(scat.slices)
-    return oracle, params
+    return oracle, slice_training(oracle, neurons)
 
 
 def _train(model: nn.Module, params: List[nn.Parameter], steps: int = 3) -> List[float]:
