@@ -140,11 +140,12 @@ def _find_layers(model: nn.Module) -> Tuple[nn.Module, nn.ModuleList, str]:
                       f"(no ModuleList of blocks under {type(root).__name__})")
     _, path, layers = best
     full = f"{prefix}.{path}" if prefix else path
-    if len(gated_lists) > 1:
+    gated = best[0][0]  # an ungated model is refused for that, by the MLP search, not for its stacks
+    if gated and len(gated_lists) > 1:
         raise _refuse(f"{type(model).__name__} (model_type {model_type(model)!r}) has several stacks of gated decoder "
                       f"layers ({', '.join(gated_lists)}): one LAPE layer axis cannot describe them")
     body = _parent(root, path)
-    if not _takes_tokens(body):
+    if gated and not _takes_tokens(body):
         raise _refuse(f"{type(model).__name__} (model_type {model_type(model)!r}): the decoder layers at {full} are "
                       f"run by {type(body).__name__}, which takes no input_ids/inputs_embeds: its tokens (and padding) "
                       "cannot be told apart")
