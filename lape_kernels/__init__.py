@@ -16,7 +16,7 @@ from .version import __version__
 
 from .api import patch, unpatch
 from .fingerprint import ModelMismatchError, model_fingerprint
-from .introspection import UnsupportedModelError, supported_model_types
+from .introspection import UnsupportedModelError, check_model, supported_model_types
 from .neurons import NeuronSet, deactivate, identify
 from .patching import is_patched
 from .stats import ActivationStats, StatsByLanguage, record
@@ -40,6 +40,7 @@ __all__ = [
     "NeuronSet",
     "StatsByLanguage",
     "UnsupportedModelError",
+    "check_model",
     "deactivate",
     "identify",
     "is_patched",

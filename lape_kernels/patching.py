@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional, Protocol, Tuple
 import torch
 from torch import nn
 
-from .introspection import MLPFamily, activation_for, decoder_layers, family_for, text_config
+from .introspection import MLPFamily, discover, mlp_modules, text_config
 
 __all__ = [
     "PatchedMLPState",
@@ -131,7 +131,7 @@ def _lape_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = ops.act_mul(gate, up, st.activation)
     if st.deactivated is not None:
         h = h.index_fill(1, st.deactivated, 0.0)
-    out = self.down_proj(h)
+    out = st.family.down(self, h)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
@@ -143,27 +143,27 @@ def patched_mlps(model: nn.Module) -> List[nn.Module]:
     """The patched MLP modules in layer order (error if the model is not patched)."""
     if not is_patched(model):
         raise RuntimeError("model is not patched: call lape_kernels.patch(model) first")
-    _, layers = decoder_layers(model)
-    return [layer.mlp for layer in layers]
+    return mlp_modules(model)
 
 
 def patch_mlps(model: nn.Module) -> nn.Module:
     """Route ``model``'s MLPs through the lape_kernels ops (in place, idempotent; returns ``model``).
 
-    Everything is checked before the first change: an unsupported model is left untouched.
+    The MLPs are found by structure and each is proven, by running its own forward on a small
+    random input, to compute ``down(act(gate) * up)`` (``introspection.discover``) before the
+    first change: an unsupported model is left untouched and the error says why. The probe is a
+    safety net for models the test matrix never saw (a few tokens per layer, once per patch).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
-    family = family_for(model)
-    activation = activation_for(family, text_config(model))
-    _, layers = decoder_layers(model)
-    for layer in layers:
-        family.check(layer.mlp)
-    for index, layer in enumerate(layers):
-        mlp = layer.mlp
-        if getattr(mlp, "_lape", None) is None:
-            mlp._lape = PatchedMLPState(layer_index=index, activation=activation, family=family)
-            mlp.forward = types.MethodType(_lape_mlp_forward, mlp)
+    if is_patched(model):
+        return model
+    found = discover(model, probe=True)
+    for mlp in found.mlps:
+        if getattr(mlp.module, "_lape", None) is None:
+            mlp.module._lape = PatchedMLPState(layer_index=mlp.layer_index, activation=mlp.activation,
+                                               family=mlp.family)
+            mlp.module.forward = types.MethodType(_lape_mlp_forward, mlp.module)
     model._lape_patched = True
     return model
 
@@ -205,9 +205,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.__dict__.pop(_CLEANUPS, None)
     if not is_patched(model):
         return model
-    _, layers = decoder_layers(model)
-    for layer in layers:
-        mlp = layer.mlp
+    for mlp in mlp_modules(model):
         if "forward" in mlp.__dict__:
             del mlp.forward
         if "_lape" in mlp.__dict__:

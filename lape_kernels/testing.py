@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .api import unpatch
-from .introspection import decoder_layers, family_for, mlp_shape
+from .introspection import decoder_layers, family_for, mlp_modules, mlp_shape
 from .patching import is_patched
 
 __all__ = [
@@ -401,19 +401,18 @@ def slice_training(model: nn.Module, neurons: Sequence[torch.Tensor]) -> List[nn
         parametrize.register_parametrization(linear, "weight", mod, unsafe=True)
         params.extend(mod.slices)
 
-    for layer, sel in zip(decoder_layers(model)[1], neurons):
+    for mlp, sel in zip(mlp_modules(model), neurons):
         if sel.numel() == 0:
             continue
-        mlp = layer.mlp
         wg, wu, wd = family.weights(mlp)
         sel = sel.to(wd.device)
-        if family.fused_gate_up:
-            inter = wg.shape[0]
-            scatter(mlp.gate_up_proj, 0, torch.cat([sel, sel + inter]), [wg[sel], wu[sel]])
+        if family.fused_gate_up:  # the gate and up rows of the neurons, in the proven layout
+            rows = torch.cat(family.gate_rows(wg.shape[0], sel))
+            scatter(getattr(mlp, family.gate_up_name), 0, rows, [wg[sel], wu[sel]])
         else:
-            scatter(mlp.gate_proj, 0, sel, [wg[sel]])
-            scatter(mlp.up_proj, 0, sel, [wu[sel]])
-        scatter(mlp.down_proj, 1, sel, [wd[:, sel]])
+            scatter(getattr(mlp, family.gate_name), 0, sel, [wg[sel]])
+            scatter(getattr(mlp, family.up_name), 0, sel, [wu[sel]])
+        scatter(getattr(mlp, family.down_name), 1, sel, [wd[:, sel]])
     return params
 
 

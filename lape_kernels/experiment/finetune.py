@@ -189,8 +189,7 @@ def trainable_named_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter
 def _mlp_module_names(model: nn.Module) -> List[str]:
     from .. import introspection
 
-    fam = introspection.family_for(model)
-    return ["gate_up_proj", "down_proj"] if fam.fused_gate_up else ["gate_proj", "up_proj", "down_proj"]
+    return list(introspection.family_for(model).linear_names)
 
 
 def _model_intermediate_size(spec: str, cache_dir: Optional[str]) -> Optional[int]:

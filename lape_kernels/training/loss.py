@@ -229,11 +229,21 @@ def _chunked_forward(self: nn.Module, *args: Any, **kwargs: Any):
     return out if return_dict else out.to_tuple()
 
 
+#: config attributes by which a CausalLM rescales its logits after ``lm_head`` (Cohere multiplies by
+#: ``logit_scale``, Granite divides by ``logits_scaling``, RecurrentGemma soft-caps by ``logits_soft_cap``);
+#: the chunked loss computes CE of
+#: ``lm_head(hidden)``, so such models keep their own loss
+_LOGIT_RESCALING = ("logit_scale", "logits_scaling", "logits_soft_cap")
+
+
 def _applies(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    rescaled = any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_RESCALING)
     return (
         isinstance(getattr(model, "lm_head", None), nn.Linear)
         and type(model).__name__.endswith("ForCausalLM")
-        and hasattr(model, "config")
+        and config is not None
+        and not rescaled
     )
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import patching
-from ..introspection import decoder_layers, mlp_shape
+from ..introspection import mlp_modules, mlp_shape
 from ..neurons.neuron_set import check_layer_indices
 from ._autograd import per_device_function
 
@@ -274,9 +274,7 @@ def clear_trainable_neurons(model: nn.Module) -> nn.Module:
     if info is None:
         return model
     patching.drop_cleanup(model, _CLEANUP)
-    _, layers = decoder_layers(model)
-    for layer in layers:
-        mlp = layer.mlp
+    for mlp in mlp_modules(model):
         for name in PARAM_NAMES:
             if name in mlp._parameters:
                 del mlp._parameters[name]

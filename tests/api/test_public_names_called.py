@@ -59,6 +59,7 @@ CALLS = {
     "NeuronSet": lambda: lk.NeuronSet({"a": [torch.tensor([1])]}, 1, 4).total("a"),
     "StatsByLanguage": lambda: list(lk.StatsByLanguage(["a"], {"a": lk.ActivationStats(torch.tensor([[1]]), None, 1)})),
     "UnsupportedModelError": lambda: str(lk.UnsupportedModelError("x")),
+    "check_model": lambda: str(lk.check_model(tiny_model("llama"))),
     "deactivate": deactivate,
     "identify": lambda: lk.identify(counts, top_rate=0.5),
     "is_patched": lambda: lk.is_patched(tiny_model("llama")),

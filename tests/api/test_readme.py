@@ -21,7 +21,8 @@ SUBSTITUTIONS = {
 }
 PRELUDE = "from lape_kernels.testing import tiny_model, tiny_tokenizer\n"
 
-# Each block runs twice in one interpreter (fresh globals, fresh working directory): a public
+# The blocks are one session, read top to bottom (a later block uses the first block's model).
+# The session runs twice in one interpreter (fresh globals, fresh working directory): a public
 # name that works only once (the old lazy-import bug) fails the second run.
 _RUNNER = r'''
 import json, os, sys
@@ -29,10 +30,10 @@ blocks = json.loads(sys.stdin.read())
 for run in ("first", "second"):
     os.makedirs(run)
     os.chdir(run)
+    namespace = {"__name__": "__main__"}
     for i, code in enumerate(blocks):
-        namespace = {"__name__": "__main__"}
         exec(compile(code, f"README.md python block {i}", "exec"), namespace)
-        print(run, i, "ok", json.dumps(sorted(k for k in namespace if not k.startswith("__"))))
+        print("@@readme", run, i, "ok", json.dumps(sorted(k for k in namespace if not k.startswith("__"))))
     os.chdir("..")
 '''
 
@@ -62,7 +63,8 @@ def test_readme_python_blocks_run_in_a_fresh_interpreter(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(runnable(readme_blocks())),
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.splitlines()
+    # the runner's own lines (the README's blocks print too)
+    lines = [ln.split(None, 1)[1] for ln in proc.stdout.splitlines() if ln.startswith("@@readme ")]
     assert [ln.split()[:3] for ln in lines] == [[run, str(i), "ok"] for run in ("first", "second")
                                                 for i in range(len(readme_blocks()))]
     # what the quick-start block promises: trained neurons saved for the model it ran on

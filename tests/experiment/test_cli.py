@@ -384,7 +384,8 @@ def test_unsupported_model_family(tmp_path, capsys):
     make_toy_setup(str(tmp_path / "toy2"))
     out = tmp_path / "o"
     _bad(capsys, ["collect", "--model", str(gpt2), "--data", str(tmp_path / "toy2" / "corpus"), "--languages", "aa",
-                  "bb", "--tokens", "512", "-o", str(out), *SMALL], out, "gpt2", "supported families")
+                  "bb", "--tokens", "512", "-o", str(out), *SMALL], out, "gpt2", "has no gated MLP",
+         "lape_kernels.check_model(model)")
     assert not corpus.exists()
 
 

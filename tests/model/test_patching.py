@@ -97,15 +97,17 @@ def test_patching_one_instance_leaves_others_and_the_class_alone(family):
     _assert_unpatched(fresh)
 
 
-def test_unsupported_models_name_the_supported_families():
+def test_unsupported_models_say_why_and_how_to_check():
     import transformers as tf
 
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
-    for bad in (gpt2, nn.Linear(4, 4)):
+    for bad, why in ((gpt2, "has no gated MLP"), (nn.Linear(4, 4), "has no decoder layers")):
         with pytest.raises(UnsupportedModelError) as err:
             patch(bad)
         msg = str(err.value)
-        assert all(f in msg for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"))
+        assert why in msg and "lape_kernels.check_model(model)" in msg and "supported_model_types()" in msg
+        with pytest.raises(UnsupportedModelError, match=why):
+            lape_kernels.check_model(bad)
     assert isinstance(UnsupportedModelError("x"), ValueError)
     assert "gpt2" in str(pytest.raises(UnsupportedModelError, patch, gpt2).value)
     assert not hasattr(gpt2, "_lape_patched")
@@ -128,18 +130,23 @@ class _UngatedMLP(nn.Module):
 def test_mlp_without_gate_is_a_clear_error_and_nothing_is_patched():
     model = tiny_model("llama")
     model.model.layers[1].mlp = _UngatedMLP(64, 128)
-    with pytest.raises(UnsupportedModelError, match=r"_UngatedMLP is not a gated MLP .*missing nn.Linear \['gate_proj'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.1 has no gated MLP .*mlp \(_UngatedMLP\)"):
         patch(model)
     assert not patching.is_patched(model)
     assert not any(hasattr(layer.mlp, "_lape") or "forward" in layer.mlp.__dict__ for layer in model.model.layers)
 
 
 def test_unsupported_activation_is_a_clear_error():
+    """The activation is read from the module instance (what runs), not from the config."""
     model = tiny_model("qwen2")
-    model.config.hidden_act = "relu"
-    with pytest.raises(UnsupportedModelError, match="activation 'relu'.*supported"):
+    model.model.layers[1].mlp.act_fn = nn.ReLU()
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.1: mlp.act_fn: activation ReLU .*not one of our"):
         patch(model)
     assert not patching.is_patched(model)
+    renamed = tiny_model("qwen2")
+    renamed.config.hidden_act = "relu"  # the instances still compute SiLU
+    patch(renamed)
+    assert all(m._lape.activation == "silu" for m in patching.patched_mlps(renamed))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
