@@ -29,6 +29,9 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/checks.h"
+#include "../common/schemas.h"
+
 #ifndef CPU_CAPABILITY
 #error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (see setup.py)"
 #endif
@@ -38,76 +41,32 @@ inline namespace CPU_CAPABILITY {
 
 using at::Tensor;
 using fVec = at::vec::Vectorized<float>;
+using lape_kernels::Act;
+using checks::row_stride;
+using checks::rows_view;
 
 // Elements per inner step: two fp32 vectors (= one bf16/fp16 vector).
 constexpr int64_t kW = 2 * fVec::size();
 // Work per parallel task, in elements (keeps small inputs on one thread).
 constexpr int64_t kGrainElems = 32768;
 
-enum class Act { silu, gelu_tanh, gelu };
-
 // ----------------------------------------------------------------------------------- checks --
+// csrc/common/checks.h, plus what only the CPU kernels need.
 
-inline Act parse_activation(const std::string& activation) {
-  if (activation == "silu") return Act::silu;
-  if (activation == "gelu_tanh") return Act::gelu_tanh;
-  if (activation == "gelu") return Act::gelu;
-  TORCH_CHECK_VALUE(false, "activation must be one of ('silu', 'gelu_tanh', 'gelu'), got '",
-                    activation, "'");
+inline Act check_args(const Tensor& gate, const Tensor& up, const Tensor* grad_out,
+                      const std::string& activation) {
+  return checks::check_gate_up(gate, up, grad_out, activation, c10::DeviceType::CPU, "CPU");
 }
 
-inline void check_float_2d(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [tokens, intermediate], got shape ",
-                    t.sizes());
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-                    " must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ",
-                    t.device());
-}
-
-// gate/up (and grad_out against gate): 2-D, same float dtype, same shape, CPU.
-inline void check_pair(const Tensor& a, const Tensor& b, const char* na, const char* nb) {
-  check_float_2d(a, na);
-  check_float_2d(b, nb);
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), na, " and ", nb, " must have the same shape, got ",
-                    a.sizes(), " and ", b.sizes());
-  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), na, " and ", nb,
-                    " must have the same dtype, got ", a.scalar_type(), " and ",
-                    b.scalar_type());
-}
-
-// The kernels read rows through stride(0) and need unit stride along the last dim. gate/up
-// must already be like that (views such as the halves of a fused gate_up output are fine);
-// other [T, I] inputs (gradients) are copied if they are not.
-inline void check_rows(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name,
-                    " must have a contiguous last dimension (stride(1) == 1), got strides ",
-                    t.strides());
-}
-
-inline Tensor rows_view(const Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
-}
-
-inline int64_t row_stride(const Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0); }
-
-// sel: int64 [k], strictly increasing, values in [0, I).
-inline Tensor check_sel(const Tensor& sel, int64_t I) {
-  TORCH_CHECK_VALUE(sel.dim() == 1 && sel.scalar_type() == at::kLong,
-                    "sel must be a 1-D int64 tensor, got ", sel.scalar_type(), " of shape ",
-                    sel.sizes());
-  TORCH_CHECK_VALUE(sel.device().is_cpu(), "sel must be on cpu, got ", sel.device());
+// sel: int64 [k] on the CPU, strictly increasing, values in [0, I) (checked here: no sync).
+inline Tensor check_sel(const Tensor& sel, const Tensor& gate) {
+  checks::check_sel(sel, gate.device());
   Tensor s = sel.contiguous();
   const int64_t* p = s.const_data_ptr<int64_t>();
-  const int64_t k = s.numel();
-  for (int64_t j = 0; j < k; ++j) {
-    TORCH_CHECK_VALUE(p[j] >= 0 && p[j] < I, "sel values must be in [0, ", I, "), got sel[", j,
-                      "] = ", p[j]);
-    TORCH_CHECK_VALUE(j == 0 || p[j] > p[j - 1],
-                      "sel must be sorted ascending and unique, got sel[", j - 1,
-                      "] = ", p[j - 1], " and sel[", j, "] = ", p[j]);
-  }
+  const int64_t k = s.numel(), I = gate.size(1);
+  bool ok = true;
+  for (int64_t j = 0; j < k && ok; ++j) ok = p[j] >= 0 && p[j] < I && (j == 0 || p[j] > p[j - 1]);
+  checks::check_sel_values(ok, I);
   return s;
 }
 
@@ -333,54 +292,7 @@ inline void dispatch(at::ScalarType st, Act a, const F& f) {
   }
 }
 
-// ---------------------------------------------------------------------------------- act_mul --
-
-inline Tensor act_mul(const Tensor& gate, const Tensor& up, const std::string& activation) {
-  check_pair(gate, up, "gate", "up");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
-  const int64_t T = gate.size(0), I = gate.size(1);
-  Tensor out = at::empty({T, I}, gate.options());
-  dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
-    using T_ = typename decltype(tt)::type;
-    constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
-    T_* op = out.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up);
-    for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
-      T_* o = op + t * I;
-      int64_t c = c0;
-      fVec g0, g1, u0, u1;
-      for (; c + kW <= c1; c += kW) {
-        io::load(g + c, g0, g1);
-        io::load(u + c, u0, u1);
-        io::store(o + c, act<A>(g0) * u0, act<A>(g1) * u1);
-      }
-      if (c < c1) {
-        const int64_t n = c1 - c;
-        io::load(g + c, n, g0, g1);
-        io::load(u + c, n, u0, u1);
-        io::store(o + c, n, act<A>(g0) * u0, act<A>(g1) * u1);
-      }
-    });
-  });
-  return out;
-}
-
-// ---------------------------------------------------------------------------- act_mul_count --
-// Work is split into tiles of rows x columns (full rows unless I is large); each task owns a
-// tile and its own per-language accumulators, so no atomics are needed, and the results of
-// row tiles are added in a fixed order at the end. Rows are walked in memory order. Per
-// language the accumulators are fp32 counts (exact: a tile has < 2^24 rows) and fp64 sums
-// (every act value is added in fp64, as the reference does).
-
-constexpr int64_t kCountCols = 128 * kW;   // max columns per tile (a multiple of kW)
-constexpr int64_t kMaxTileRows = 1 << 24;  // fp32 counters stay exact
+// ------------------------------------------------------------------------- count helpers --
 
 // cnt[j] += (a[j] > 0) for one fp32 vector (NaN is not > 0).
 inline void count_positive(const fVec& a, float* cnt) {
@@ -450,11 +362,14 @@ struct CountAcc {
   }
 };
 
-// One row of act_mul_count over columns [c0, c1): out written; act values added to the
-// language's accumulators cnt/sum (indexed from c0) unless cnt is null.
+// ------------------------------------------------------------------------------ row kernels --
+// The per-row loops every op shares; rows are read through their row stride by the callers.
+
+// One row of the forward over columns [c0, c1): o = act(g) * u. With cnt != nullptr the act
+// values are also added to one language's counters cnt / sum (indexed from c0).
 template <Act A, typename T>
-inline void count_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t c0,
-                      int64_t c1, float* __restrict cnt, double* __restrict sum) {
+inline void act_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t c0,
+                    int64_t c1, float* __restrict cnt, double* __restrict sum) {
   using io = IO<T>;
   fVec g0, g1, u0, u1;
   int64_t c = c0;
@@ -484,26 +399,103 @@ inline void count_row(const T* __restrict g, const T* __restrict u, T* __restric
   }
 }
 
+// kW (or a tail of n) columns of the backward: dg = go * u * act'(g), du = go * act(g), and
+// optionally h = act(g) * u (the selected columns' forward value).
+template <Act A, typename T>
+inline void act_grad_step(const fVec (&g)[2], const fVec (&u)[2], const fVec (&go)[2], T* dg,
+                          T* du, T* h, int64_t n) {
+  using io = IO<T>;
+  fVec a[2], d[2];
+  act_and_grad<A>(g[0], a[0], d[0]);
+  act_and_grad<A>(g[1], a[1], d[1]);
+  if (n == kW) {
+    io::store(dg, go[0] * u[0] * d[0], go[1] * u[1] * d[1]);
+    io::store(du, go[0] * a[0], go[1] * a[1]);
+    if (h != nullptr) io::store(h, a[0] * u[0], a[1] * u[1]);
+  } else {
+    io::store(dg, n, go[0] * u[0] * d[0], go[1] * u[1] * d[1]);
+    io::store(du, n, go[0] * a[0], go[1] * a[1]);
+    if (h != nullptr) io::store(h, n, a[0] * u[0], a[1] * u[1]);
+  }
+}
+
+// One row of the backward over columns [c0, c1).
+template <Act A, typename T>
+inline void act_grad_row(const T* __restrict g, const T* __restrict u, const T* __restrict go,
+                         T* __restrict dg, T* __restrict du, int64_t c0, int64_t c1) {
+  using io = IO<T>;
+  fVec gv[2], uv[2], ov[2];
+  for (int64_t c = c0; c < c1; c += kW) {
+    const int64_t n = std::min(kW, c1 - c);
+    if (n == kW) {
+      io::load(g + c, gv[0], gv[1]);
+      io::load(u + c, uv[0], uv[1]);
+      io::load(go + c, ov[0], ov[1]);
+    } else {
+      io::load(g + c, n, gv[0], gv[1]);
+      io::load(u + c, n, uv[0], uv[1]);
+      io::load(go + c, n, ov[0], ov[1]);
+    }
+    act_grad_step<A>(gv, uv, ov, dg + c, du + c, static_cast<T*>(nullptr), n);
+  }
+}
+
+// The selected columns sp[p0..p1) of one row, in [c0, c1): positions p0, p1 in sel.
+inline std::pair<int64_t, int64_t> selected_in(const int64_t* sp, int64_t k, int64_t c0, int64_t c1) {
+  const int64_t p0 = std::lower_bound(sp, sp + k, c0) - sp;
+  const int64_t p1 = std::lower_bound(sp + p0, sp + k, c1) - sp;
+  return {p0, p1};
+}
+
+// Pointers to row t of the [T, I] inputs (read through their row stride) and outputs.
+template <typename T>
+struct Rows {
+  const T* gate;
+  const T* up;
+  int64_t sg, su;
+  const T* g(int64_t t) const { return gate + t * sg; }
+  const T* u(int64_t t) const { return up + t * su; }
+  Rows(const Tensor& gate_, const Tensor& up_)
+      : gate(gate_.const_data_ptr<T>()), up(up_.const_data_ptr<T>()), sg(row_stride(gate_)),
+        su(row_stride(up_)) {}
+};
+
+// ---------------------------------------------------------------------------------- act_mul --
+
+inline Tensor act_mul(const Tensor& gate, const Tensor& up, const std::string& activation) {
+  const Act a = check_args(gate, up, nullptr, activation);
+  const int64_t T = gate.size(0), I = gate.size(1);
+  Tensor out = at::empty({T, I}, gate.options());
+  dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
+    using T_ = typename decltype(tt)::type;
+    constexpr Act A = decltype(at_)::value;
+    const Rows<T_> in(gate, up);
+    T_* op = out.mutable_data_ptr<T_>();
+    for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
+      act_row<A>(in.g(t), in.u(t), op + t * I, c0, c1, nullptr, nullptr);
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------- act_mul_count --
+// Work is split into tiles of rows x columns (full rows unless I is large); each task owns a
+// tile and its own per-language accumulators, so no atomics are needed, and the results of
+// row tiles are added in a fixed order at the end. Rows are walked in memory order. Per
+// language the accumulators are fp32 counts (exact: a tile has < 2^24 rows) and fp64 sums
+// (every act value is added in fp64, as the reference does).
+
+constexpr int64_t kCountCols = 128 * kW;   // max columns per tile (a multiple of kW)
+constexpr int64_t kMaxTileRows = 1 << 24;  // fp32 counters stay exact
+
 inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, const Tensor& up,
                                                         const std::string& activation,
                                                         const std::optional<Tensor>& token_lang,
                                                         int64_t num_langs) {
-  check_pair(gate, up, "gate", "up");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
-  TORCH_CHECK_VALUE(num_langs >= 1, "num_langs must be >= 1, got ", num_langs);
+  const Act a = check_args(gate, up, nullptr, activation);
   const int64_t T = gate.size(0), I = gate.size(1), L = num_langs;
-  Tensor tl;
-  if (token_lang.has_value()) {
-    const Tensor& t = *token_lang;
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == T && t.scalar_type() == at::kLong,
-                      "token_lang must be int64 of shape [", T, "], got ", t.scalar_type(),
-                      " of shape ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == gate.device(), "token_lang must be on ", gate.device(),
-                      ", got ", t.device());
-    tl = t.contiguous();
-  }
+  checks::check_count_args(T, gate.device(), token_lang, num_langs);
+  const Tensor tl = token_lang.has_value() ? token_lang->contiguous() : Tensor();
 
   Tensor out = at::empty({T, I}, gate.options());
   Tensor over_zero = at::zeros({L, I}, gate.options().dtype(at::kLong));
@@ -531,30 +523,23 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
   dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
     using T_ = typename decltype(tt)::type;
     constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
+    const Rows<T_> in(gate, up);
     T_* op = out.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up);
     at::parallel_for(0, nrb * ncb, 1, [&](int64_t b, int64_t e) {
       for (int64_t task = b; task < e; ++task) {
         CountAcc& acc = accs[task];
         const int64_t rb = task / ncb, cb = task % ncb;
         const int64_t r0 = rb * rows_per, r1 = std::min(T, r0 + rows_per);
         const int64_t c0 = cb * cols_per, c1 = std::min(I, c0 + cols_per);
-        const int64_t w = c1 - c0;
-        acc.init(L, (w + kW - 1) / kW * kW);
+        acc.init(L, (c1 - c0 + kW - 1) / kW * kW);
         for (int64_t t = r0; t < r1; ++t) {
           const int64_t lang = tlp ? tlp[t] : 0;
-          const T_* g = gp + t * sg;
-          const T_* u = upp + t * su;
-          T_* o = op + t * I;
           if (lang >= 0 && lang < L) {
             const int64_t k = acc.touch(lang);
-            count_row<A>(g, u, o, c0, c1, acc.cnt.data() + k * acc.wp,
-                         acc.sum.data() + k * acc.wp);
+            act_row<A>(in.g(t), in.u(t), op + t * I, c0, c1, acc.cnt.data() + k * acc.wp,
+                       acc.sum.data() + k * acc.wp);
           } else {  // padding (-1) etc.: output only
-            count_row<A>(g, u, o, c0, c1, nullptr, nullptr);
+            act_row<A>(in.g(t), in.u(t), op + t * I, c0, c1, nullptr, nullptr);
           }
         }
       }
@@ -590,11 +575,7 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
 inline std::tuple<Tensor, Tensor> act_mul_backward(const Tensor& grad_out_in, const Tensor& gate,
                                                    const Tensor& up,
                                                    const std::string& activation) {
-  check_pair(gate, up, "gate", "up");
-  check_pair(grad_out_in, gate, "grad_out", "gate");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
+  const Act a = check_args(gate, up, &grad_out_in, activation);
   const Tensor grad_out = rows_view(grad_out_in);
   const int64_t T = gate.size(0), I = gate.size(1);
   Tensor grad_gate = at::empty({T, I}, gate.options());
@@ -602,41 +583,13 @@ inline std::tuple<Tensor, Tensor> act_mul_backward(const Tensor& grad_out_in, co
   dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
     using T_ = typename decltype(tt)::type;
     constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
+    const Rows<T_> in(gate, up);
     const T_* gop = grad_out.const_data_ptr<T_>();
+    const int64_t so = row_stride(grad_out);
     T_* ggp = grad_gate.mutable_data_ptr<T_>();
     T_* gup = grad_up.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up), so = row_stride(grad_out);
     for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
-      const T_* go = gop + t * so;
-      T_* dg = ggp + t * I;
-      T_* du = gup + t * I;
-      fVec g0, g1, u0, u1, o0, o1, a0, a1, d0, d1;
-      for (int64_t c = c0; c < c1; c += kW) {
-        const int64_t n = std::min(kW, c1 - c);
-        if (n == kW) {
-          io::load(g + c, g0, g1);
-          io::load(u + c, u0, u1);
-          io::load(go + c, o0, o1);
-        } else {
-          io::load(g + c, n, g0, g1);
-          io::load(u + c, n, u0, u1);
-          io::load(go + c, n, o0, o1);
-        }
-        act_and_grad<A>(g0, a0, d0);
-        act_and_grad<A>(g1, a1, d1);
-        if (n == kW) {
-          io::store(dg + c, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, o0 * a0, o1 * a1);
-        } else {
-          io::store(dg + c, n, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, n, o0 * a0, o1 * a1);
-        }
-      }
+      act_grad_row<A>(in.g(t), in.u(t), gop + t * so, ggp + t * I, gup + t * I, c0, c1);
     });
   });
   return {grad_gate, grad_up};
@@ -647,12 +600,9 @@ inline std::tuple<Tensor, Tensor> act_mul_backward(const Tensor& grad_out_in, co
 inline std::tuple<Tensor, Tensor> act_mul_split(const Tensor& gate, const Tensor& up,
                                                 const std::string& activation,
                                                 const Tensor& sel_in) {
-  check_pair(gate, up, "gate", "up");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
+  const Act a = check_args(gate, up, nullptr, activation);
   const int64_t T = gate.size(0), I = gate.size(1);
-  const Tensor sel = check_sel(sel_in, I);
+  const Tensor sel = check_sel(sel_in, gate);
   const int64_t k = sel.numel();
   Tensor out = at::empty({T, I}, gate.options());
   Tensor out_sel = at::empty({T, k}, gate.options());
@@ -660,32 +610,14 @@ inline std::tuple<Tensor, Tensor> act_mul_split(const Tensor& gate, const Tensor
   dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
     using T_ = typename decltype(tt)::type;
     constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
+    const Rows<T_> in(gate, up);
     T_* op = out.mutable_data_ptr<T_>();
     T_* osp = out_sel.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up);
     for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
       T_* o = op + t * I;
-      fVec g0, g1, u0, u1;
-      for (int64_t c = c0; c < c1; c += kW) {
-        const int64_t n = std::min(kW, c1 - c);
-        if (n == kW) {
-          io::load(g + c, g0, g1);
-          io::load(u + c, u0, u1);
-          io::store(o + c, act<A>(g0) * u0, act<A>(g1) * u1);
-        } else {
-          io::load(g + c, n, g0, g1);
-          io::load(u + c, n, u0, u1);
-          io::store(o + c, n, act<A>(g0) * u0, act<A>(g1) * u1);
-        }
-      }
-      // Move the selected columns of this segment (already rounded once) to out_sel.
-      const int64_t p0 = std::lower_bound(sp, sp + k, c0) - sp;
-      const int64_t p1 = std::lower_bound(sp + p0, sp + k, c1) - sp;
+      act_row<A>(in.g(t), in.u(t), o, c0, c1, nullptr, nullptr);
+      // Move the selected columns of this segment (already rounded) to out_sel.
+      const auto [p0, p1] = selected_in(sp, k, c0, c1);
       T_* os = osp + t * k;
       for (int64_t p = p0; p < p1; ++p) {
         os[p] = o[sp[p]];
@@ -701,23 +633,11 @@ inline std::tuple<Tensor, Tensor> act_mul_split(const Tensor& gate, const Tensor
 inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split(
     const Tensor& grad_out_in, const Tensor& grad_out_sel_in, const Tensor& gate,
     const Tensor& up, const std::string& activation, const Tensor& sel_in) {
-  check_pair(gate, up, "gate", "up");
-  check_pair(grad_out_in, gate, "grad_out", "gate");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
+  const Act a = check_args(gate, up, &grad_out_in, activation);
   const int64_t T = gate.size(0), I = gate.size(1);
-  const Tensor sel = check_sel(sel_in, I);
+  const Tensor sel = check_sel(sel_in, gate);
   const int64_t k = sel.numel();
-  TORCH_CHECK_VALUE(grad_out_sel_in.dim() == 2 && grad_out_sel_in.size(0) == T &&
-                        grad_out_sel_in.size(1) == k,
-                    "grad_out_sel must have shape [", T, ", ", k, "], got ",
-                    grad_out_sel_in.sizes());
-  TORCH_CHECK_VALUE(grad_out_sel_in.scalar_type() == gate.scalar_type(),
-                    "grad_out_sel must have the dtype of gate (", gate.scalar_type(), "), got ",
-                    grad_out_sel_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_out_sel_in.device() == gate.device(), "grad_out_sel must be on ",
-                    gate.device(), ", got ", grad_out_sel_in.device());
+  checks::check_grad_out_sel(grad_out_sel_in, T, k, gate);
   const Tensor grad_out = rows_view(grad_out_in);
   const Tensor grad_out_sel = grad_out_sel_in.contiguous();
   auto opts = gate.options();
@@ -729,66 +649,36 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split
     using T_ = typename decltype(tt)::type;
     constexpr Act A = decltype(at_)::value;
     using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
+    const Rows<T_> in(gate, up);
     const T_* gop = grad_out.const_data_ptr<T_>();
     const T_* gosp = grad_out_sel.const_data_ptr<T_>();
+    const int64_t so = row_stride(grad_out);
     T_* ggp = grad_gate.mutable_data_ptr<T_>();
     T_* gup = grad_up.mutable_data_ptr<T_>();
     T_* ggsp = grad_gate_sel.mutable_data_ptr<T_>();
     T_* gusp = grad_up_sel.mutable_data_ptr<T_>();
     T_* osp = out_sel.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up), so = row_stride(grad_out);
     for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
-      const T_* go = gop + t * so;
+      const T_* g = in.g(t);
+      const T_* u = in.u(t);
       T_* dg = ggp + t * I;
       T_* du = gup + t * I;
-      fVec g0, g1, u0, u1, o0, o1, a0, a1, d0, d1;
-      for (int64_t c = c0; c < c1; c += kW) {
-        const int64_t n = std::min(kW, c1 - c);
-        if (n == kW) {
-          io::load(g + c, g0, g1);
-          io::load(u + c, u0, u1);
-          io::load(go + c, o0, o1);
-        } else {
-          io::load(g + c, n, g0, g1);
-          io::load(u + c, n, u0, u1);
-          io::load(go + c, n, o0, o1);
-        }
-        act_and_grad<A>(g0, a0, d0);
-        act_and_grad<A>(g1, a1, d1);
-        if (n == kW) {
-          io::store(dg + c, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, o0 * a0, o1 * a1);
-        } else {
-          io::store(dg + c, n, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, n, o0 * a0, o1 * a1);
-        }
-      }
+      act_grad_row<A>(g, u, gop + t * so, dg, du, c0, c1);
       // Selected columns: zero them in the full gradients, and compute their values from
       // grad_out_sel (gathered kW at a time so the same vector math applies).
-      const int64_t p0 = std::lower_bound(sp, sp + k, c0) - sp;
-      const int64_t p1 = std::lower_bound(sp + p0, sp + k, c1) - sp;
+      const auto [p0, p1] = selected_in(sp, k, c0, c1);
       const T_* gos = gosp + t * k;
-      T_* dgs = ggsp + t * k;
-      T_* dus = gusp + t * k;
-      T_* os = osp + t * k;
+      fVec gv[2], uv[2], ov[2];
       for (int64_t p = p0; p < p1; p += kW) {
         const int64_t n = std::min(kW, p1 - p);
         for (int64_t j = 0; j < n; ++j) {
           dg[sp[p + j]] = T_(0);
           du[sp[p + j]] = T_(0);
         }
-        gather(g, sp + p, n, g0, g1);
-        gather(u, sp + p, n, u0, u1);
-        io::load(gos + p, n, o0, o1);
-        act_and_grad<A>(g0, a0, d0);
-        act_and_grad<A>(g1, a1, d1);
-        io::store(dgs + p, n, o0 * u0 * d0, o1 * u1 * d1);
-        io::store(dus + p, n, o0 * a0, o1 * a1);
-        io::store(os + p, n, a0 * u0, a1 * u1);
+        gather(g, sp + p, n, gv[0], gv[1]);
+        gather(u, sp + p, n, uv[0], uv[1]);
+        io::load(gos + p, n, ov[0], ov[1]);
+        act_grad_step<A>(gv, uv, ov, ggsp + t * k + p, gusp + t * k + p, osp + t * k + p, n);
       }
     });
   });
@@ -802,52 +692,12 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split
 // projections; its fp32 product is rounded once to x's dtype. The GEMMs are at::mm's (MKL /
 // oneDNN, multithreaded); the projections are materialised in fp32, unlike the Triton kernel.
 
-inline void check_gemm_operand(const Tensor& t, const char* name, const char* dims) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D ", dims, ", got shape ", t.sizes());
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-                    " must be float32, bfloat16 or float16, got ", dt);
-}
-
-// x [T, H], w_gate/w_up [I, H]: float, one dtype, CPU, contiguous last dimension.
-inline void check_gemm_inputs(const Tensor& x, const Tensor& w_gate, const Tensor& w_up) {
-  check_gemm_operand(x, "x", "[tokens, hidden]");
-  check_gemm_operand(w_gate, "w_gate", "[intermediate, hidden]");
-  check_gemm_operand(w_up, "w_up", "[intermediate, hidden]");
-  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "w_gate and w_up must have the same shape, got ",
-                    w_gate.sizes(), " and ", w_up.sizes());
-  TORCH_CHECK_VALUE(x.size(1) == w_gate.size(1),
-                    "x and w_gate must have the same hidden size (dim 1), got ", x.sizes(), " and ",
-                    w_gate.sizes());
-  TORCH_CHECK_VALUE(x.scalar_type() == w_gate.scalar_type() && x.scalar_type() == w_up.scalar_type(),
-                    "x, w_gate and w_up must have the same dtype, got ", x.scalar_type(), ", ",
-                    w_gate.scalar_type(), " and ", w_up.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == w_gate.device() && x.device() == w_up.device(),
-                    "x, w_gate and w_up must be on the same device, got ", x.device(), ", ",
-                    w_gate.device(), " and ", w_up.device());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ",
-                    x.device());
-  check_rows(x, "x");
-  check_rows(w_gate, "w_gate");
-  check_rows(w_up, "w_up");
-}
-
 inline std::tuple<Tensor, Tensor, Tensor> gate_up_act_mul_count(
     const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const std::string& activation,
     const std::optional<Tensor>& token_lang, int64_t num_langs) {
-  check_gemm_inputs(x, w_gate, w_up);
-  parse_activation(activation);
-  // act_mul_count checks these again; checking first avoids two GEMMs on a bad call.
-  TORCH_CHECK_VALUE(num_langs >= 1, "num_langs must be >= 1, got ", num_langs);
-  const int64_t T = x.size(0);
-  if (token_lang.has_value()) {
-    const Tensor& t = *token_lang;
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == T && t.scalar_type() == at::kLong,
-                      "token_lang must be int64 of shape [", T, "], got ", t.scalar_type(),
-                      " of shape ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == x.device(), "token_lang must be on ", x.device(), ", got ",
-                      t.device());
-  }
+  // act_mul_count checks its own arguments again; checking first avoids two GEMMs on a bad call.
+  checks::check_gate_up_count(x, w_gate, w_up, activation, token_lang, num_langs,
+                              c10::DeviceType::CPU, "CPU");
   const Tensor xf = x.to(at::kFloat);
   const Tensor gate = at::mm(xf, w_gate.to(at::kFloat).t());
   const Tensor up = at::mm(xf, w_up.to(at::kFloat).t());
@@ -858,16 +708,10 @@ inline std::tuple<Tensor, Tensor, Tensor> gate_up_act_mul_count(
 }  // namespace CPU_CAPABILITY
 }  // namespace lape_kernels::cpu
 
+
 // One registration per module (each kernels_<isa>.cpp includes this header exactly once).
-#define LAPE_KERNELS_REGISTER_CPU()                                                           \
-  TORCH_LIBRARY_IMPL(lape_kernels, CPU, m) {                                                \
-    m.impl("act_mul", &lape_kernels::cpu::act_mul);                                         \
-    m.impl("act_mul_count", &lape_kernels::cpu::act_mul_count);                             \
-    m.impl("act_mul_backward", &lape_kernels::cpu::act_mul_backward);                       \
-    m.impl("act_mul_split", &lape_kernels::cpu::act_mul_split);                             \
-    m.impl("act_mul_backward_split", &lape_kernels::cpu::act_mul_backward_split);           \
-    m.impl("gate_up_act_mul_count", &lape_kernels::cpu::gate_up_act_mul_count);             \
-  }
+#define LAPE_KERNELS_REGISTER_CPU() \
+  TORCH_LIBRARY_IMPL(lape_kernels, CPU, m) { LAPE_KERNELS_IMPL_OPS(m, lape_kernels::cpu); }
 
 // The (empty) Python module a kernels_<isa>.cpp file becomes; importing it runs the
 // registration above.

@@ -19,6 +19,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "../common/act.h"
+
 #if defined(__CUDACC__)
 #define LAPE_HD __host__ __device__ __forceinline__
 #else
@@ -28,19 +30,17 @@
 namespace lape_kernels {
 namespace cuda_impl {
 
-enum ActKind : int { kSilu = 0, kGeluTanh = 1, kGelu = 2 };
-
 constexpr int kRows = 4;  // rows loaded per step of a thread
 
 // ------------------------------------------------------------------------------------ math --
 // float32 throughout, same formulas as reference.py (precise expf/tanhf/erff: never build
 // this with --use_fast_math).
 
-template <int ACT>
+template <Act ACT>
 LAPE_HD float act_value(float g) {
-  if (ACT == kSilu) {
+  if constexpr (ACT == Act::silu) {
     return g * (1.0f / (1.0f + expf(-g)));
-  } else if (ACT == kGeluTanh) {
+  } else if constexpr (ACT == Act::gelu_tanh) {
     const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
     return 0.5f * g * (1.0f + tanhf(inner));
   } else {
@@ -48,13 +48,13 @@ LAPE_HD float act_value(float g) {
   }
 }
 
-template <int ACT>
+template <Act ACT>
 LAPE_HD void act_value_grad(float g, float& a, float& da) {
-  if (ACT == kSilu) {
+  if constexpr (ACT == Act::silu) {
     const float s = 1.0f / (1.0f + expf(-g));
     a = g * s;
     da = s * (1.0f + g * (1.0f - s));
-  } else if (ACT == kGeluTanh) {
+  } else if constexpr (ACT == Act::gelu_tanh) {
     const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
     const float t = tanhf(inner);
     a = 0.5f * g * (1.0f + t);
@@ -172,25 +172,44 @@ LAPE_HD void flush_lang(LangAccum<VEC>& acc, int64_t* over_zero, double* act_sum
   }
 }
 
+// The columns [c0, c0 + VEC) and rows [r_begin, r_end) one thread owns.
+struct Span {
+  int64_t c0, r_begin, r_end;
+  LAPE_HD bool empty() const { return r_begin >= r_end; }
+};
+
+template <int VEC>
+LAPE_HD Span thread_span(int64_t rows, int64_t cols, int64_t rows_per_chunk, int64_t cg,
+                         int64_t chunk) {
+  Span s;
+  s.c0 = cg * VEC;
+  s.r_begin = chunk * rows_per_chunk;
+  s.r_end = s.r_begin + rows_per_chunk < rows ? s.r_begin + rows_per_chunk : rows;
+  if (s.c0 >= cols) s.r_end = s.r_begin;  // past the last column: nothing to do
+  return s;
+}
+
+// The slots of columns [c0, c0 + VEC) (-1: not selected); whether any is selected.
+template <int VEC>
+LAPE_HD bool load_slots(const int32_t* slot_map, int64_t c0, int32_t (&slot)[VEC]) {
+  bool any = false;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    slot[j] = slot_map[c0 + j];
+    any = any || slot[j] >= 0;
+  }
+  return any;
+}
+
 // One thread of the forward kernels: columns [cg * VEC, cg * VEC + VEC), rows of chunk `chunk`.
 // Requires I % VEC == 0 (the launcher picks VEC = 1 otherwise).
-template <typename T, int VEC, int ACT, bool COUNT, bool SPLIT>
+template <typename T, int VEC, Act ACT, bool COUNT, bool SPLIT>
 LAPE_HD void fwd_thread(const FwdParams<T>& p, int64_t cg, int64_t chunk) {
-  const int64_t c0 = cg * VEC;
-  if (c0 >= p.cols) return;
-  const int64_t r_begin = chunk * p.rows_per_chunk;
-  const int64_t r_end = r_begin + p.rows_per_chunk < p.rows ? r_begin + p.rows_per_chunk : p.rows;
-  const int64_t I = p.cols;
-
+  const Span sp = thread_span<VEC>(p.rows, p.cols, p.rows_per_chunk, cg, chunk);
+  if (sp.empty()) return;
+  const int64_t c0 = sp.c0, r_begin = sp.r_begin, r_end = sp.r_end, I = p.cols;
   int32_t slot[VEC];
-  bool any_sel = false;
-  if (SPLIT) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      slot[j] = p.slot[c0 + j];
-      any_sel = any_sel || slot[j] >= 0;
-    }
-  }
+  const bool any_sel = SPLIT && load_slots<VEC>(p.slot, c0, slot);
   LangAccum<VEC> acc;
   if (COUNT) {
 #pragma unroll
@@ -254,19 +273,13 @@ LAPE_HD void fwd_thread(const FwdParams<T>& p, int64_t cg, int64_t chunk) {
 }
 
 // One thread of the backward kernels (same decomposition as fwd_thread).
-template <typename T, int VEC, int ACT, bool SPLIT>
+template <typename T, int VEC, Act ACT, bool SPLIT>
 LAPE_HD void bwd_thread(const BwdParams<T>& p, int64_t cg, int64_t chunk) {
-  const int64_t c0 = cg * VEC;
-  if (c0 >= p.cols) return;
-  const int64_t r_begin = chunk * p.rows_per_chunk;
-  const int64_t r_end = r_begin + p.rows_per_chunk < p.rows ? r_begin + p.rows_per_chunk : p.rows;
-  const int64_t I = p.cols;
-
+  const Span sp = thread_span<VEC>(p.rows, p.cols, p.rows_per_chunk, cg, chunk);
+  if (sp.empty()) return;
+  const int64_t c0 = sp.c0, r_begin = sp.r_begin, r_end = sp.r_end, I = p.cols;
   int32_t slot[VEC];
-  if (SPLIT) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) slot[j] = p.slot[c0 + j];
-  }
+  if (SPLIT) load_slots<VEC>(p.slot, c0, slot);
 
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kRows) {
     Pack<T, VEC> d[kRows], g[kRows], u[kRows];

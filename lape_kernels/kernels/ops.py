@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference as _ref
+from . import checks
 
 try:
     from .. import _C  # noqa: F401 - defines the op schemas and loads the CPU kernels
@@ -104,41 +104,20 @@ def gate_up_act_mul_count(
 
 
 # ------------------------------------------------------------------------------------ fakes --
-# Same argument checks as the kernels (messages from reference.py), so errors surface while
-# tracing too; outputs are fresh contiguous tensors like the kernels'.
-
-
-def _check_rows(t: Tensor, name: str) -> None:
-    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride(1) == 1), got strides {t.stride()}")
-
-
-def _check_sel_meta(sel: Tensor, gate: Tensor) -> None:
-    # Values (range, order) are data: the kernels check them, a fake tensor has none.
-    if sel.dim() != 1 or sel.dtype != torch.int64:
-        raise ValueError(f"sel must be a 1-D int64 tensor, got {sel.dtype} of shape {tuple(sel.shape)}")
-    if sel.device != gate.device:
-        raise ValueError(f"sel must be on {gate.device}, got {sel.device}")
-
-
-def _check_common(gate: Tensor, up: Tensor, activation: str) -> None:
-    _ref.check_gate_up(gate, up)
-    _check_rows(gate, "gate")
-    _check_rows(up, "up")
-    _ref.check_activation(activation)
+# The kernels' argument checks (checks.py: same messages on every backend) minus those that read
+# tensor data, so errors surface while tracing too; outputs are fresh contiguous tensors.
 
 
 @torch.library.register_fake("lape_kernels::act_mul")
 def _act_mul_fake(gate, up, activation):
-    _check_common(gate, up, activation)
+    checks.act_mul_args(gate, up, activation)
     return gate.new_empty(gate.shape)
 
 
 @torch.library.register_fake("lape_kernels::act_mul_count")
 def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
-    _check_common(gate, up, activation)
-    T, I = gate.shape
-    _ref.check_count_args(T, gate.device, token_lang, num_langs)
+    checks.act_mul_count_args(gate, up, activation, token_lang, num_langs)
+    I = gate.shape[1]
     return (
         gate.new_empty(gate.shape),
         gate.new_empty((num_langs, I), dtype=torch.int64),
@@ -148,9 +127,7 @@ def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
 
 @torch.library.register_fake("lape_kernels::gate_up_act_mul_count")
 def _gate_up_act_mul_count_fake(x, w_gate, w_up, activation, token_lang, num_langs):
-    _ref.check_gate_up_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
-    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
-        _check_rows(t, name)
+    checks.gate_up_act_mul_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
     T, I = x.shape[0], w_gate.shape[0]
     return (
         x.new_empty((T, I)),
@@ -161,28 +138,20 @@ def _gate_up_act_mul_count_fake(x, w_gate, w_up, activation, token_lang, num_lan
 
 @torch.library.register_fake("lape_kernels::act_mul_backward")
 def _act_mul_backward_fake(grad_out, gate, up, activation):
-    _check_common(gate, up, activation)
-    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
+    checks.act_mul_backward_args(grad_out, gate, up, activation)
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
 @torch.library.register_fake("lape_kernels::act_mul_split")
 def _act_mul_split_fake(gate, up, activation, sel):
-    _check_common(gate, up, activation)
-    _check_sel_meta(sel, gate)
+    checks.act_mul_split_args(gate, up, activation, sel, values=False)
     return gate.new_empty(gate.shape), gate.new_empty((gate.shape[0], sel.shape[0]))
 
 
 @torch.library.register_fake("lape_kernels::act_mul_backward_split")
 def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, sel):
-    _check_common(gate, up, activation)
-    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
-    _check_sel_meta(sel, gate)
+    checks.act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel, values=False)
     T, k = gate.shape[0], sel.shape[0]
-    if grad_out_sel.dim() != 2 or grad_out_sel.shape[0] != T or grad_out_sel.shape[1] != k:
-        raise ValueError(f"grad_out_sel must have shape [{T}, {k}], got {tuple(grad_out_sel.shape)}")
-    if grad_out_sel.dtype != gate.dtype:
-        raise ValueError(f"grad_out_sel must have the dtype of gate ({gate.dtype}), got {grad_out_sel.dtype}")
     full = lambda: gate.new_empty(gate.shape)  # noqa: E731
     part = lambda: gate.new_empty((T, k))  # noqa: E731
     return full(), full(), part(), part(), part()

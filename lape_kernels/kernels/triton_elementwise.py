@@ -1,9 +1,8 @@
 """Triton kernels for the ``lape_kernels`` ops (the CUDA dispatch key's Triton backend).
 
 Each public function has the name and signature of the op it implements (see
-docs/ARCHITECTURE.md), validates its arguments with reference.py's checks plus those of the C++
-kernels (gate/up last dim contiguous, sel sorted/unique/in range, grad_out_sel of gate's dtype,
-every tensor on gate's device), allocates the outputs and launches one kernel.
+docs/ARCHITECTURE.md), validates its arguments with checks.py (the one error model of every
+backend), allocates the outputs and launches one kernel.
 ``lape_kernels.ops`` registers them for the CUDA dispatch key.
 
 Design (why it looks like this):
@@ -26,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference as _ref
+from . import checks
 
 __all__ = ["act_mul", "act_mul_count", "act_mul_backward", "act_mul_split", "act_mul_backward_split"]
 
@@ -80,6 +79,23 @@ def _act_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_langs(lang_ptr, rows, rmask, num_langs, HAS_LANG: tl.constexpr):
+    """(lang int32, valid, lmin, lmax) of a tile's rows: ids outside [0, num_langs) are not
+    counted (-1). The range check runs on the int64 id, so 2^32 + 1 cannot wrap into range.
+    No valid row: lmin = num_langs > lmax = -1."""
+    if HAS_LANG:
+        lang64 = tl.load(lang_ptr + rows, mask=rmask, other=-1)
+        valid = (lang64 >= 0) & (lang64 < num_langs)
+        lang = tl.where(valid, lang64, -1).to(tl.int32)
+    else:  # no token_lang: every row is language 0
+        valid = rmask
+        lang = tl.where(rmask, 0, -1)
+    lmin = tl.min(tl.where(valid, lang, num_langs), axis=0)
+    lmax = tl.max(tl.where(valid, lang, -1), axis=0)
+    return lang, valid, lmin, lmax
+
+
+@triton.jit
 def _flush(oz_ptr, sum_ptr, k, I, cols, cmask, acc_c, acc_s):
     """Add one language's per-column count/sum partials into over_zero[k] / act_sum[k]."""
     c = tl.sum(acc_c, axis=0)
@@ -128,13 +144,7 @@ def _fwd_kernel(
             h = tl.where(selected[None, :], 0.0, h)
         tl.store(out_ptr + r64[:, None] * I + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=m2)
         if COUNT:
-            if HAS_LANG:
-                lang = tl.load(lang_ptr + rows, mask=rmask, other=-1).to(tl.int32)
-            else:
-                lang = tl.where(rmask, 0, -1)
-            valid = (lang >= 0) & (lang < num_langs)
-            lmin = tl.min(tl.where(valid, lang, num_langs), axis=0)
-            lmax = tl.max(tl.where(valid, lang, -1), axis=0)
+            lang, valid, lmin, lmax = _tile_langs(lang_ptr, rows, rmask, num_langs, HAS_LANG)
             pos = a > 0.0
             if lmin == lmax:
                 # The whole tile is one language (rows of other ids are not counted).
@@ -237,12 +247,6 @@ def _grid(T: int, I: int, device: torch.device, block_t: int, block_i: int, row_
     return (col_blocks, row_progs), rows_per_prog
 
 
-def _check_rows(t: torch.Tensor, name: str) -> None:
-    """gate/up are read through stride(0) with unit column stride (as the C++ kernels require)."""
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride(1) == 1), got strides {t.stride()}")
-
-
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
     """Gradients may come in any layout: copy only when the last dim is not contiguous."""
     return t.contiguous() if t.shape[1] > 1 and t.stride(1) != 1 else t
@@ -256,31 +260,12 @@ def _device_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _check_sel_values(sel: torch.Tensor, I: int) -> None:
-    """sel strictly increasing within [0, I): keeps the kernels' scattered stores in bounds.
-
-    One device-to-host sync on CUDA (as the C++ kernels do).
-    """
-    k = sel.shape[0]
-    if k > 0:
-        bad = (sel[0] < 0) | (sel[-1] >= I)
-        if k > 1:
-            bad = bad | (sel[1:] <= sel[:-1]).any()
-        if bool(bad):
-            raise ValueError(f"sel must be sorted ascending, unique, with values in [0, {I})")
-
-
 def _slot_map(sel: torch.Tensor, I: int) -> torch.Tensor:
     """int32 [I]: position of column i in sel, or -1."""
     k = sel.shape[0]
     slot = torch.full((I,), -1, dtype=torch.int32, device=sel.device)
     slot[sel] = torch.arange(k, dtype=torch.int32, device=sel.device)
     return slot
-
-
-def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -353,37 +338,18 @@ def _bwd_impl(grad_out, gate, up, activation, *, grad_out_sel=None, sel=None,
     return grad_gate, grad_up, sel_outs
 
 
-def _check_gate_up(gate, up, activation):
-    """reference.check_gate_up + last-dim contiguity + activation (the C++ kernels' order)."""
-    _ref.check_gate_up(gate, up)
-    _check_rows(gate, "gate")
-    _check_rows(up, "up")
-    _ref.check_activation(activation)
-
-
-def _check_count_args(gate, up, activation, token_lang, num_langs):
-    _check_gate_up(gate, up, activation)
-    _ref.check_count_args(gate.shape[0], gate.device, token_lang, num_langs)
-
-
-def _check_split_args(gate, up, activation, sel):
-    _check_gate_up(gate, up, activation)
-    _ref.check_sel(sel, gate.shape[1], gate.device)
-    _check_sel_values(sel, gate.shape[1])
-
-
 # ----------------------------------------------------------------------------- public ops
 
 def act_mul(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """out = act(gate) * up."""
-    _check_gate_up(gate, up, activation)
+    checks.act_mul_args(gate, up, activation)
     return _fwd_impl(gate, up, activation)[0]
 
 
 def act_mul_count(gate: torch.Tensor, up: torch.Tensor, activation: str,
                   token_lang: Optional[torch.Tensor], num_langs: int):
     """(out, over_zero int64 [L, I], act_sum float64 [L, I]) in one pass over gate/up."""
-    _check_count_args(gate, up, activation, token_lang, num_langs)
+    checks.act_mul_count_args(gate, up, activation, token_lang, num_langs)
     if token_lang is not None:
         token_lang = token_lang.contiguous()
     out, _, over_zero, act_sum = _fwd_impl(gate, up, activation, count=True,
@@ -393,36 +359,22 @@ def act_mul_count(gate: torch.Tensor, up: torch.Tensor, activation: str,
 
 def act_mul_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
     """(grad_gate, grad_up) of out = act(gate) * up."""
-    _check_gate_up(gate, up, activation)
-    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
+    checks.act_mul_backward_args(grad_out, gate, up, activation)
     grad_gate, grad_up, _ = _bwd_impl(grad_out, gate, up, activation)
     return grad_gate, grad_up
 
 
 def act_mul_split(gate: torch.Tensor, up: torch.Tensor, activation: str, sel: torch.Tensor):
     """(out with columns sel zeroed, out[:, sel]) of h = act(gate) * up."""
-    _check_split_args(gate, up, activation, sel)
+    checks.act_mul_split_args(gate, up, activation, sel)
     out, out_sel, _, _ = _fwd_impl(gate, up, activation, sel=sel)
     return out, out_sel
-
-
-def _check_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel):
-    _check_gate_up(gate, up, activation)
-    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
-    _ref.check_sel(sel, gate.shape[1], gate.device)
-    _check_sel_values(sel, gate.shape[1])
-    T, k = gate.shape[0], sel.shape[0]
-    if grad_out_sel.dim() != 2 or grad_out_sel.shape[0] != T or grad_out_sel.shape[1] != k:
-        raise ValueError(f"grad_out_sel must have shape [{T}, {k}], got {tuple(grad_out_sel.shape)}")
-    if grad_out_sel.dtype != gate.dtype:
-        raise ValueError(f"grad_out_sel must have the dtype of gate ({gate.dtype}), got {grad_out_sel.dtype}")
-    _check_same_device("grad_out_sel", grad_out_sel, gate.device)
 
 
 def act_mul_backward_split(grad_out: torch.Tensor, grad_out_sel: torch.Tensor, gate: torch.Tensor,
                            up: torch.Tensor, activation: str, sel: torch.Tensor):
     """(grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel); see docs/ARCHITECTURE.md."""
-    _check_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel)
+    checks.act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel)
     grad_gate, grad_up, sel_outs = _bwd_impl(grad_out, gate, up, activation,
                                              grad_out_sel=grad_out_sel, sel=sel)
     return (grad_gate, grad_up) + sel_outs

@@ -35,9 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference as _ref
-# The activation (and its id mapping) of the other Triton kernels: the same act(g) bits.
-from .triton_elementwise import _ACT_ID, _act
+from . import checks
+# The activation (and its id mapping), the language ids of a tile and the device context of the
+# other Triton kernels: the same act(g) bits and the same counting rules.
+from .triton_elementwise import _ACT_ID, _act, _device_ctx, _tile_langs
 
 __all__ = ["gate_up_act_mul_count"]
 
@@ -107,16 +108,7 @@ def _gemm_count_kernel(
     m2 = rmask[:, None] & cmask[None, :]
     tl.store(out_ptr + r64[:, None] * I + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=m2)
 
-    if HAS_LANG:
-        # Range check on the int64 ids (a huge id must not wrap into range), then int32.
-        lang64 = tl.load(lang_ptr + rows, mask=rmask, other=-1)
-        valid = (lang64 >= 0) & (lang64 < num_langs)
-        lang = tl.where(valid, lang64, -1).to(tl.int32)
-    else:
-        lang = tl.where(rmask, 0, -1)
-        valid = rmask
-    lmin = tl.min(tl.where(valid, lang, num_langs), axis=0)
-    lmax = tl.max(tl.where(valid, lang, -1), axis=0)
+    lang, valid, lmin, lmax = _tile_langs(lang_ptr, rows, rmask, num_langs, HAS_LANG)
     pos = a > 0.0
     # Each language present in the tile (usually one): reduce the tile's rows of that language
     # per column and add them once. No valid row: lmin = num_langs > lmax = -1, no iteration.
@@ -143,30 +135,10 @@ CONFIGS = {
 }
 
 
-def _check_rows(t: torch.Tensor, name: str) -> None:
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride(1) == 1), got strides {t.stride()}")
-
-
-def _device_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def _config(dtype: torch.dtype, device: torch.device):
     if device.type != "cuda":
         return CONFIGS["interpret"]
     return CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
-
-
-def _check_args(x, w_gate, w_up, activation, token_lang, num_langs):
-    """reference.check_gate_up_count_args + last-dim contiguity."""
-    _ref.check_gate_up_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
-    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
-        _check_rows(t, name)
 
 
 def _impl(x, w_gate, w_up, activation, token_lang, num_langs, *, block_t=None, block_i=None,
@@ -202,5 +174,5 @@ def _impl(x, w_gate, w_up, activation, token_lang, num_langs, *, block_t=None, b
 def gate_up_act_mul_count(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str,
                           token_lang: Optional[torch.Tensor], num_langs: int):
     """(act(x w_gate^T) * (x w_up^T), over_zero int64 [L, I], act_sum float64 [L, I]), one kernel."""
-    _check_args(x, w_gate, w_up, activation, token_lang, num_langs)
+    checks.gate_up_act_mul_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
     return _impl(x, w_gate, w_up, activation, token_lang, int(num_langs))

@@ -31,8 +31,6 @@ How results are compared (error model):
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -43,56 +41,17 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from backends import run_gpu_compile_script  # noqa: E402
+from inputs import DTYPES, dyadic, gaussian, lang_ids  # noqa: E402
+from kernel_tolerance import COND  # noqa: E402
 from lape_kernels.kernels import ops  # noqa: E402
 from lape_kernels.kernels import reference as ref  # noqa: E402
 from lape_kernels.kernels import triton_gemm as tg  # noqa: E402
-from kernel_tolerance import COND  # noqa: E402
 
 ACTS = ref.ACTIVATIONS
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OP = torch.ops.lape_kernels.gate_up_act_mul_count
-
-
-# ---------------------------------------------------------------------------------- inputs --
-
-
-def dyadic(T, H, I, dtype, seed, device="cpu"):
-    """x = i/8, w = j/16, |i|, |j| <= 8: exact fp32 GEMM in any order (see module docstring)."""
-    assert H <= 64  # |gate| <= H * 1 * 1/2 <= 32 with 2^-7 resolution: 12 bits, exact
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-8, 9, (T, H), generator=g) / 8
-    wg = torch.randint(-8, 9, (I, H), generator=g) / 16
-    wu = torch.randint(-8, 9, (I, H), generator=g) / 16
-    return tuple(t.to(dtype).to(device) for t in (x, wg, wu))
-
-
-def gaussian(T, H, I, dtype, seed, device="cpu"):
-    """Unit-variance x; weights scaled so that gate ~ N(0, 4) (act's interesting range)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g)
-    wg = torch.randn(I, H, generator=g) * (2.0 / max(H, 1) ** 0.5)
-    wu = torch.randn(I, H, generator=g) / max(H, 1) ** 0.5
-    return tuple(t.to(dtype).to(device) for t in (x, wg, wu))
-
-
-def lang_ids(T, num_langs, seed, device="cpu"):
-    """Runs of languages, mixed stretches, padding -1, ids >= num_langs and huge ids (not counted)."""
-    g = torch.Generator().manual_seed(seed)
-    lang = torch.empty(T, dtype=torch.int64)
-    pos = 0
-    while pos < T:
-        n = int(torch.randint(1, 24, (1,), generator=g))
-        lang[pos : pos + n] = int(torch.randint(-1, num_langs + 1, (1,), generator=g))
-        pos += n
-    mixed = torch.rand(T, generator=g) < 0.1
-    lang[mixed] = torch.randint(-1, num_langs + 1, (int(mixed.sum()),), generator=g)
-    if T > 2:
-        lang[T // 2] = 2**40  # must not wrap into [0, num_langs) anywhere
-        lang[T // 3] = -(2**40)
-    return lang.to(device)
 
 
 # -------------------------------------------------------------------------------- checking --
@@ -178,7 +137,7 @@ def test_cpu_op_matches_reference(dtype, activation, with_lang):
     """Gaussian inputs; counts exact (same at::mm as the reference, see module docstring)."""
     T, H, I, L = 45, 72, 83, 3
     x, wg, wu = gaussian(T, H, I, dtype, seed=7)
-    lang = lang_ids(T, L, seed=1) if with_lang else None
+    lang = lang_ids(T, L, seed=1, mode="runs") if with_lang else None
     got = ops.gate_up_act_mul_count(x, wg, wu, activation, lang, L)
     check(got, x, wg, wu, activation, lang, L, exact_gemm=False, exact_counts=True)
     if not with_lang:
@@ -301,76 +260,6 @@ def test_not_differentiable_raises_clearly():
     with torch.no_grad():
         out = ops.gate_up_act_mul_count(x, wg, wu, "silu", None, 1)[0]
     assert not out.requires_grad
-
-
-# ----------------------------------------------------------------------------- bad arguments --
-
-
-def _bad_cases():
-    x = torch.randn(4, 6)
-    w = torch.randn(5, 6)
-    langs = torch.zeros(4, dtype=torch.int64)
-    meta = "same device|must be a CPU tensor|meta"
-    return {
-        "x float64": ((x.double(), w.double(), w.double(), "silu", None, 1), "x must be float32, bfloat16 or float16"),
-        "x int": ((x.long(), w.long(), w.long(), "silu", None, 1), "x must be float32"),
-        "w_gate dtype": ((x, w.half(), w, "silu", None, 1), "same dtype"),
-        "w_up dtype": ((x.bfloat16(), w.bfloat16(), w, "silu", None, 1), "same dtype"),
-        "x 1-D": ((x[0], w, w, "silu", None, 1), r"x must be 2-D \[tokens, hidden\]"),
-        "x 3-D": ((x[None], w, w, "silu", None, 1), "x must be 2-D"),
-        "w_gate 3-D": ((x, w[None], w, "silu", None, 1), r"w_gate must be 2-D \[intermediate, hidden\]"),
-        "w_up 1-D": ((x, w, w[0], "silu", None, 1), "w_up must be 2-D"),
-        "hidden mismatch": ((x, w[:, :5], w[:, :5], "silu", None, 1), "same hidden size"),
-        "w shapes differ": ((x, w, w[:4], "silu", None, 1), "w_gate and w_up must have the same shape"),
-        "x strided last dim": ((x.t().contiguous().t(), w, w, "silu", None, 1), "x must have a contiguous last dimension"),
-        "w_gate strided": ((x, w.t().contiguous().t(), w, "silu", None, 1), "w_gate must have a contiguous last dimension"),
-        "w_up strided": ((x, w, w.t().contiguous().t(), "silu", None, 1), "w_up must have a contiguous last dimension"),
-        "activation": ((x, w, w, "relu", None, 1), "activation must be one of"),
-        "num_langs 0": ((x, w, w, "silu", None, 0), "num_langs must be >= 1"),
-        "num_langs -1": ((x, w, w, "silu", langs, -1), "num_langs must be >= 1"),
-        "token_lang length": ((x, w, w, "silu", langs[:3], 2), r"token_lang must be int64 of shape \[4\]"),
-        "token_lang dtype": ((x, w, w, "silu", langs.int(), 2), "token_lang must be int64"),
-        "token_lang 2-D": ((x, w, w, "silu", langs[None], 2), "token_lang must be int64"),
-        "w_gate on meta": ((x, w.to("meta"), w, "silu", None, 1), meta),
-        "x on meta": ((x.to("meta"), w, w, "silu", None, 1), meta),
-    }
-
-
-BACKENDS = {"cpu op": OP, "triton": tg.gate_up_act_mul_count, "reference": ref.gate_up_act_mul_count}
-# The reference does not need (so does not check) contiguous rows.
-_REF_SKIP = {"x strided last dim", "w_gate strided", "w_up strided"}
-
-
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_bad_arguments_raise_clear_errors(backend):
-    for name, (args, message) in _bad_cases().items():
-        if backend == "reference" and name in _REF_SKIP:
-            continue
-        with pytest.raises((ValueError, RuntimeError, TypeError), match=message):
-            BACKENDS[backend](*args)
-
-
-def test_bad_arguments_raise_under_fake_tensors():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    cases = _bad_cases()
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        for name in ("x float64", "w_gate dtype", "x 3-D", "hidden mismatch", "w shapes differ", "x strided last dim",
-                     "activation", "num_langs 0", "token_lang length"):
-            args, message = cases[name]
-            with pytest.raises((ValueError, RuntimeError), match=message):
-                OP(*args)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_device_mix_on_cuda():
-    x = torch.randn(4, 6, device="cuda")
-    w = torch.randn(5, 6, device="cuda")
-    for fn in (OP, tg.gate_up_act_mul_count):
-        with pytest.raises((ValueError, RuntimeError), match="same device"):
-            fn(x, w.cpu(), w, "silu", None, 1)
-        with pytest.raises((ValueError, RuntimeError), match="token_lang must be on"):
-            fn(x, w, w, "silu", torch.zeros(4, dtype=torch.int64), 1)
 
 
 # ============================================================================ Triton kernel ====
@@ -540,10 +429,4 @@ print("compiled", n)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel is compiled and run for real")
 def test_kernel_compiles_for_hopper_and_ampere():
     """The interpreter does not compile: build the kernel for sm_90 (and sm_80) to cubin."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "compiled 6" in res.stdout
+    run_gpu_compile_script(COMPILE_SCRIPT, "compiled 6")
