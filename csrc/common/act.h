@@ -5,6 +5,8 @@
 namespace lape_kernels {
 
 // "silu", "gelu_tanh" (tanh approximation, Gemma's gelu_pytorch_tanh), "gelu" (exact erf).
-enum class Act : int { silu = 0, gelu_tanh = 1, gelu = 2 };
+// `pre` is internal to the CPU kernels: the gate tensor already holds act(gate), computed by
+// ATen (exact gelu, whose CPU path ATen takes through oneDNN).
+enum class Act : int { silu = 0, gelu_tanh = 1, gelu = 2, pre = 3 };
 
 }  // namespace lape_kernels

@@ -127,6 +127,16 @@ inline void check_sel_values(bool ok, int64_t I) {
   TORCH_CHECK_VALUE(ok, "sel must be sorted ascending and unique, with values in [0, ", I, ")");
 }
 
+// The split ops' optional slot map (ops.sel_slots): int32 [I] on gate's device.
+inline void check_slots(const std::optional<Tensor>& slots, int64_t I, const at::Device& device) {
+  if (!slots.has_value()) return;
+  const Tensor& s = *slots;
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.scalar_type() == at::kInt && s.size(0) == I,
+                    "slots must be int32 of shape [", I, "], got ", dtype_str(s.scalar_type()),
+                    " of shape ", s.sizes());
+  TORCH_CHECK_VALUE(s.device() == device, "slots must be on ", device, ", got ", s.device());
+}
+
 inline void check_grad_out_sel(const Tensor& gos, int64_t T, int64_t k, const Tensor& gate) {
   TORCH_CHECK_VALUE(gos.dim() == 2 && gos.size(0) == T && gos.size(1) == k,
                     "grad_out_sel must have shape [", T, ", ", k, "], got ", gos.sizes());

@@ -20,12 +20,12 @@
         " -> (Tensor grad_gate, Tensor grad_up)",                                               \
         tags);                                                                                  \
     m.def(                                                                                      \
-        "act_mul_split(Tensor gate, Tensor up, str activation, Tensor sel)"                     \
+        "act_mul_split(Tensor gate, Tensor up, str activation, Tensor sel, Tensor? slots=None)"  \
         " -> (Tensor out, Tensor out_sel)",                                                     \
         tags);                                                                                  \
     m.def(                                                                                      \
         "act_mul_backward_split(Tensor grad_out, Tensor grad_out_sel, Tensor gate, Tensor up,"  \
-        " str activation, Tensor sel) -> (Tensor grad_gate, Tensor grad_up,"                    \
+        " str activation, Tensor sel, Tensor? slots=None) -> (Tensor grad_gate, Tensor grad_up," \
         " Tensor grad_gate_sel, Tensor grad_up_sel, Tensor out_sel)",                           \
         tags);                                                                                  \
     /* act_mul_count of gate = x @ w_gate.T, up = x @ w_up.T. Not differentiable. */            \

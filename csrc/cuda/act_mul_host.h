@@ -117,15 +117,20 @@ struct HostOps {
     return checks::check_gate_up(gate, up, grad_out, activation, Dev::kDevice, Dev::kName);
   }
 
-  // sel: metadata, then its values on the device (one device-to-host sync); keeps the kernels'
-  // scattered stores in bounds.
-  static void check_sel(const Tensor& sel, const Tensor& gate) {
+  // sel (and the optional slot map) -> the slot map the kernels read. Without `slots` sel's
+  // values are checked on the device (one device-to-host sync) and the map built; with it
+  // (ops.sel_slots checked sel once) neither: no sync, nothing rebuilt. The kernels treat slots
+  // outside [0, k) as unselected, so no map can make them store outside the [T, k] outputs.
+  static Tensor selection(const Tensor& sel, const std::optional<Tensor>& slots, const Tensor& gate) {
     checks::check_sel(sel, gate.device());
     const int64_t k = sel.size(0), I = gate.size(1);
-    if (k == 0) return;
+    checks::check_slots(slots, I, gate.device());
+    if (slots.has_value()) return k > 0 ? slots->contiguous() : Tensor();
+    if (k == 0) return Tensor();
     Tensor bad = at::logical_or(sel.lt(0), sel.ge(I)).any();
     if (k > 1) bad = at::logical_or(bad, sel.slice(0, 1, k).le(sel.slice(0, 0, k - 1)).any());
     checks::check_sel_values(!bad.item<bool>(), I);
+    return slot_map(sel, I);
   }
 
   template <typename T, bool COUNT, bool SPLIT>
@@ -191,16 +196,16 @@ struct HostOps {
   }
 
   static std::tuple<Tensor, Tensor> act_mul_split(const Tensor& gate, const Tensor& up,
-                                                  const std::string& activation, const Tensor& sel) {
+                                                  const std::string& activation, const Tensor& sel,
+                                                  const std::optional<Tensor>& slots) {
     const Act act = check(gate, up, nullptr, activation);
     const int64_t T = gate.size(0), I = gate.size(1);
     const typename Dev::Guard guard(gate.device());
-    check_sel(sel, gate);
+    const Tensor slot = selection(sel, slots, gate);
     const int64_t k = sel.size(0);
     Tensor out = at::empty({T, I}, gate.options());
     Tensor out_sel = at::empty({T, k}, gate.options());
     if (T == 0 || I == 0) return {out, out_sel};
-    const Tensor slot = k > 0 ? slot_map(sel, I) : Tensor();
     by_dtype(gate.scalar_type(), [&](auto* tag) {
       using TT = std::remove_pointer_t<decltype(tag)>;
       auto p = fwd_params<TT>(gate, up, out);
@@ -236,11 +241,11 @@ struct HostOps {
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split(
       const Tensor& grad_out_in, const Tensor& grad_out_sel_in, const Tensor& gate, const Tensor& up,
-      const std::string& activation, const Tensor& sel) {
+      const std::string& activation, const Tensor& sel, const std::optional<Tensor>& slots) {
     const Act act = check(gate, up, &grad_out_in, activation);
     const int64_t T = gate.size(0), I = gate.size(1);
     const typename Dev::Guard guard(gate.device());
-    check_sel(sel, gate);
+    const Tensor slot = selection(sel, slots, gate);
     const int64_t k = sel.size(0);
     checks::check_grad_out_sel(grad_out_sel_in, T, k, gate);
     const Tensor grad_out = rows_view(grad_out_in);
@@ -250,7 +255,6 @@ struct HostOps {
     Tensor out_sel = at::empty({T, k}, opts);
     if (T == 0 || I == 0) return {grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel};
     const Tensor grad_out_sel = k > 0 ? grad_out_sel_in.contiguous() : Tensor();
-    const Tensor slot = k > 0 ? slot_map(sel, I) : Tensor();
     by_dtype(gate.scalar_type(), [&](auto* tag) {
       using TT = std::remove_pointer_t<decltype(tag)>;
       auto p = bwd_params<TT>(grad_out, gate, up, grad_gate, grad_up);
@@ -270,12 +274,11 @@ struct HostOps {
     return {grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel};
   }
 
-  // Composite: gate = x w_gate^T and up = x w_up^T by at::mm with fp32 results (bf16/fp16
-  // inputs through at::mm's out_dtype overload, fp32 accumulation, no rounding to the input
-  // dtype; fp32 inputs through at::mm, so TF32 only if torch.backends.cuda.matmul.allow_tf32
-  // says so), then act_mul_count above on the fp32 projections and one rounding of out to x's
-  // dtype. This materialises gate/up in fp32; the Triton backend (triton_gemm.py) fuses the
-  // count into the GEMM epilogue instead.
+  // Composite: gate = x w_gate^T and up = x w_up^T by at::mm in x's dtype (cuBLAS, fp32
+  // accumulation, rounded to the dtype where nn.Linear rounds; fp32 inputs use TF32 only if
+  // torch.backends.cuda.matmul.allow_tf32 says so), then act_mul_count above: no fp32
+  // temporaries, out written once in the dtype. The Triton backend (triton_gemm.py) fuses the
+  // count into the GEMM epilogue instead, so gate/up never reach memory.
   static std::tuple<Tensor, Tensor, Tensor> gate_up_act_mul_count(
       const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const std::string& activation,
       const std::optional<Tensor>& token_lang, int64_t num_langs) {
@@ -283,16 +286,7 @@ struct HostOps {
     checks::check_gate_up_count(x, w_gate, w_up, activation, token_lang, num_langs, Dev::kDevice,
                                 Dev::kName);
     const typename Dev::Guard guard(x.device());
-    Tensor gate, up;
-    if (x.scalar_type() == at::kFloat) {
-      gate = at::mm(x, w_gate.t());
-      up = at::mm(x, w_up.t());
-    } else {
-      gate = at::mm(x, w_gate.t(), at::kFloat);
-      up = at::mm(x, w_up.t(), at::kFloat);
-    }
-    auto [out, over_zero, act_sum] = act_mul_count(gate, up, activation, token_lang, num_langs);
-    return {out.to(x.scalar_type()), over_zero, act_sum};
+    return act_mul_count(at::mm(x, w_gate.t()), at::mm(x, w_up.t()), activation, token_lang, num_langs);
   }
 };
 

@@ -25,6 +25,7 @@ __all__ = [
     "check_count_args",
     "check_sel",
     "check_sel_values",
+    "check_slots",
     "check_grad_out_sel",
     "check_gemm_inputs",
     "act_mul_args",
@@ -113,6 +114,14 @@ def check_sel_values(sel: torch.Tensor, intermediate: int) -> None:
         raise ValueError(f"sel must be sorted ascending and unique, with values in [0, {intermediate})")
 
 
+def check_slots(slots: torch.Tensor, intermediate: int, device: torch.device) -> None:
+    """The split ops' optional slot map (``ops.sel_slots``): int32 [I] on the op's device."""
+    if slots.dim() != 1 or slots.dtype != torch.int32 or slots.shape[0] != intermediate:
+        raise ValueError(f"slots must be int32 of shape [{intermediate}], got {slots.dtype} of shape {_shape(slots)}")
+    if slots.device != device:
+        raise ValueError(f"slots must be on {device}, got {slots.device}")
+
+
 def check_grad_out_sel(grad_out_sel: torch.Tensor, num_tokens: int, k: int, gate: torch.Tensor) -> None:
     if grad_out_sel.dim() != 2 or grad_out_sel.shape[0] != num_tokens or grad_out_sel.shape[1] != k:
         raise ValueError(f"grad_out_sel must have shape [{num_tokens}, {k}], got {_shape(grad_out_sel)}")
@@ -143,6 +152,8 @@ def check_gemm_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor)
 
 # ------------------------------------------------------------------------------------- per op --
 # ``values=False`` skips the checks that read tensor data (sel's values): fake tensors have none.
+# The GPU backends skip them too when given ``slots`` (the slot map ops.sel_slots built, checking
+# sel once): that check is a device-to-host sync, and the split ops run twice per layer per step.
 
 
 def act_mul_args(gate, up, activation) -> None:
@@ -165,20 +176,23 @@ def act_mul_backward_args(grad_out, gate, up, activation) -> None:
     check_activation(activation)
 
 
-def _sel_args(gate, sel, values: bool) -> None:
+def _sel_args(gate, sel, slots, values: bool) -> None:
     check_sel(sel, gate.device)
+    if slots is not None:
+        check_slots(slots, gate.shape[1], gate.device)
     if values:
         check_sel_values(sel, gate.shape[1])
 
 
-def act_mul_split_args(gate, up, activation, sel, *, values: bool = True) -> None:
+def act_mul_split_args(gate, up, activation, sel, slots=None, *, values: bool = True) -> None:
     act_mul_args(gate, up, activation)
-    _sel_args(gate, sel, values)
+    _sel_args(gate, sel, slots, values)
 
 
-def act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel, *, values: bool = True) -> None:
+def act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel, slots=None, *,
+                                values: bool = True) -> None:
     act_mul_backward_args(grad_out, gate, up, activation)
-    _sel_args(gate, sel, values)
+    _sel_args(gate, sel, slots, values)
     check_grad_out_sel(grad_out_sel, gate.shape[0], sel.shape[0], gate)
 
 

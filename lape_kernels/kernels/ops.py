@@ -37,6 +37,7 @@ __all__ = [
     "act_mul_split",
     "act_mul_backward_split",
     "gate_up_act_mul_count",
+    "sel_slots",
     "use_cuda_backend",
     "current_cuda_backend",
     "cpu_kernels",
@@ -79,16 +80,33 @@ def act_mul_backward(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str
     return _ops.act_mul_backward(grad_out, gate, up, activation)
 
 
-def act_mul_split(gate: Tensor, up: Tensor, activation: str, sel: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(h with columns sel zeroed, h[:, sel])`` for ``h = act(gate) * up`` (differentiable)."""
-    return _ops.act_mul_split(gate, up, activation, sel)
+def act_mul_split(gate: Tensor, up: Tensor, activation: str, sel: Tensor,
+                  slots: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(h with columns sel zeroed, h[:, sel])`` for ``h = act(gate) * up`` (differentiable).
+
+    ``slots = sel_slots(sel, I)``, computed once per neuron set, spares the GPU kernels checking
+    sel (a device-to-host sync) and rebuilding the slot map on every call."""
+    return _ops.act_mul_split(gate, up, activation, sel, slots)
 
 
 def act_mul_backward_split(
-    grad_out: Tensor, grad_out_sel: Tensor, gate: Tensor, up: Tensor, activation: str, sel: Tensor
+    grad_out: Tensor, grad_out_sel: Tensor, gate: Tensor, up: Tensor, activation: str, sel: Tensor,
+    slots: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel)``; see docs/ARCHITECTURE.md."""
-    return _ops.act_mul_backward_split(grad_out, grad_out_sel, gate, up, activation, sel)
+    return _ops.act_mul_backward_split(grad_out, grad_out_sel, gate, up, activation, sel, slots)
+
+
+def sel_slots(sel: Tensor, intermediate: int) -> Tensor:
+    """The slot map of a selection, for act_mul_split / act_mul_backward_split: int32 [I] on
+    sel's device, ``slots[sel[j]] = j`` and -1 elsewhere. Checks sel (1-D int64, sorted, unique,
+    in [0, I)) once: the split ops given it skip that check on GPUs. The kernels never write
+    outside their outputs whatever the map holds, so a stale one gives wrong values, never a
+    memory error."""
+    checks.check_sel(sel, sel.device)
+    checks.check_sel_values(sel, intermediate)
+    slots = torch.full((intermediate,), -1, dtype=torch.int32, device=sel.device)
+    return slots.scatter_(0, sel, torch.arange(sel.shape[0], dtype=torch.int32, device=sel.device))
 
 
 def gate_up_act_mul_count(
@@ -143,14 +161,14 @@ def _act_mul_backward_fake(grad_out, gate, up, activation):
 
 
 @torch.library.register_fake("lape_kernels::act_mul_split")
-def _act_mul_split_fake(gate, up, activation, sel):
-    checks.act_mul_split_args(gate, up, activation, sel, values=False)
+def _act_mul_split_fake(gate, up, activation, sel, slots=None):
+    checks.act_mul_split_args(gate, up, activation, sel, slots, values=False)
     return gate.new_empty(gate.shape), gate.new_empty((gate.shape[0], sel.shape[0]))
 
 
 @torch.library.register_fake("lape_kernels::act_mul_backward_split")
-def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, sel):
-    checks.act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel, values=False)
+def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, sel, slots=None):
+    checks.act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel, slots, values=False)
     T, k = gate.shape[0], sel.shape[0]
     full = lambda: gate.new_empty(gate.shape)  # noqa: E731
     part = lambda: gate.new_empty((T, k))  # noqa: E731
@@ -186,18 +204,18 @@ def _act_mul_count_bw(ctx, grad_out, _grad_over_zero, _grad_act_sum):
 
 
 def _act_mul_split_setup(ctx, inputs, output):
-    gate, up, activation, sel = inputs
-    ctx.save_for_backward(gate, up, sel)
+    gate, up, activation, sel, slots = inputs
+    ctx.save_for_backward(gate, up, sel, slots)
     ctx.activation = activation
 
 
 def _act_mul_split_bw(ctx, grad_out, grad_out_sel):
-    gate, up, sel = ctx.saved_tensors
+    gate, up, sel, slots = ctx.saved_tensors
     grad_gate, grad_up, grad_gate_sel, grad_up_sel, _ = _ops.act_mul_backward_split(
-        grad_out, grad_out_sel, gate, up, ctx.activation, sel
+        grad_out, grad_out_sel, gate, up, ctx.activation, sel, slots
     )
-    # Columns sel are zero in the full gradients; fill them with the selected part.
-    return grad_gate.index_copy(1, sel, grad_gate_sel), grad_up.index_copy(1, sel, grad_up_sel), None, None
+    # Columns sel are zero in the full gradients (fresh tensors): fill them with the selected part.
+    return grad_gate.index_copy_(1, sel, grad_gate_sel), grad_up.index_copy_(1, sel, grad_up_sel), None, None, None
 
 
 def _gate_up_count_setup(ctx, inputs, output):

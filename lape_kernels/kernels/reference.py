@@ -1,53 +1,43 @@
-"""Plain-PyTorch reference implementations of every ``lape_kernels`` op.
+"""Plain-PyTorch reference implementations of every ``lape_kernels`` op: the test oracle.
 
-These are the test oracle: written for clarity, not speed, with the same names, signatures and
-semantics as the compiled ops (see docs/ARCHITECTURE.md). Arithmetic is float32, results are
-rounded once to the input dtype, exactly as the kernels are specified to do.
+Same names, signatures and semantics as the compiled ops (docs/ARCHITECTURE.md). The semantics
+are those of the Hugging Face MLP the ops replace, so the oracle is that very computation:
+``a = F.silu(gate)`` (or ``F.gelu``) in the model's dtype (ATen upcasts bf16/fp16 to fp32,
+computes, rounds), ``out = a * up`` (rounded again), and the backward is what autograd of
+``act(gate) * up`` computes. Counting looks at ``a``, the value the model itself produces.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import checks
 from .checks import ACTIVATIONS  # noqa: F401 - re-exported: the oracle names its activations
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_APPROXIMATE = {"gelu_tanh": "tanh", "gelu": "none"}
 
 
-def act_fp32(gate: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) in float32."""
+def act(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) exactly as the module's act_fn computes it (ATen, in gate's dtype)."""
     checks.check_activation(activation)
-    g = gate.float()
     if activation == "silu":
-        return g * torch.sigmoid(g)
-    if activation == "gelu_tanh":
-        return 0.5 * g * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)))
-    return 0.5 * g * (1.0 + torch.erf(g * _INV_SQRT_2))
+        return F.silu(gate)
+    return F.gelu(gate, approximate=_APPROXIMATE[activation])
 
 
-def act_grad_fp32(gate: torch.Tensor, activation: str) -> torch.Tensor:
-    """d act / d gate in float32."""
+def act_backward(grad: torch.Tensor, gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """grad * act'(gate) exactly as autograd computes it (ATen's silu/gelu backward)."""
     checks.check_activation(activation)
-    g = gate.float()
     if activation == "silu":
-        s = torch.sigmoid(g)
-        return s * (1.0 + g * (1.0 - s))
-    if activation == "gelu_tanh":
-        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
-        t = torch.tanh(inner)
-        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * g * g)
-        return 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner
-    return 0.5 * (1.0 + torch.erf(g * _INV_SQRT_2)) + g * _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
+        return torch.ops.aten.silu_backward(grad, gate)
+    return torch.ops.aten.gelu_backward(grad, gate, approximate=_APPROXIMATE[activation])
 
 
 def act_mul(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     checks.act_mul_args(gate, up, activation)
-    return (act_fp32(gate, activation) * up.float()).to(gate.dtype)
+    return act(gate, activation) * up
 
 
 def act_mul_count(
@@ -61,15 +51,14 @@ def act_mul_count(
     T, I = gate.shape
     if token_lang is None:
         token_lang = torch.zeros(T, dtype=torch.int64, device=gate.device)
-    a = act_fp32(gate, activation)
-    out = (a * up.float()).to(gate.dtype)
+    a = act(gate, activation)
     over_zero = torch.zeros(num_langs, I, dtype=torch.int64, device=gate.device)
     act_sum = torch.zeros(num_langs, I, dtype=torch.float64, device=gate.device)
     for k in range(num_langs):
         rows = token_lang == k
         over_zero[k] = (a[rows] > 0).sum(0, dtype=torch.int64)
         act_sum[k] = a[rows].double().sum(0)
-    return out, over_zero, act_sum
+    return a * up, over_zero, act_sum
 
 
 def gate_up_act_mul_count(
@@ -80,35 +69,33 @@ def gate_up_act_mul_count(
     token_lang: Optional[torch.Tensor],
     num_langs: int,
 ):
-    """act_mul_count of the two projections gate = x w_gate^T, up = x w_up^T, never rounded.
-
-    gate and up are the float32 results of a float32 GEMM of the upcast inputs (not rounded to
-    x.dtype: the fused kernels keep them in fp32 accumulators); act, the product and the counts
-    are then exactly act_mul_count's on those fp32 values, and out is rounded once to x.dtype.
-    The GEMM's summation order is not part of the contract (kernels differ from this by GEMM
-    rounding, so a count may differ only where |gate| is within that rounding of 0).
-    """
+    """act_mul_count of the projections gate = x w_gate^T, up = x w_up^T in x's dtype (fp32
+    accumulation, rounded to the dtype as the module's nn.Linear output is). The GEMM's summation
+    order is not part of the contract (kernels differ from this by GEMM rounding, so a count may
+    differ only where |gate| is within that rounding of 0)."""
     checks.gate_up_act_mul_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
-    gate = x.float() @ w_gate.float().T
-    up = x.float() @ w_up.float().T
-    out, over_zero, act_sum = act_mul_count(gate, up, activation, token_lang, num_langs)
-    return out.to(x.dtype), over_zero, act_sum
+    return act_mul_count(x @ w_gate.T, x @ w_up.T, activation, token_lang, num_langs)
+
+
+def _backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
+    """Autograd of act(gate) * up for the gradient dh: (grad_gate, grad_up, a)."""
+    dh = dh.contiguous()  # as a linear layer's backward hands it over
+    a = act(gate, activation)
+    return act_backward(dh * up, gate, activation), dh * a, a
 
 
 def act_mul_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
     checks.act_mul_backward_args(grad_out, gate, up, activation)
-    go = grad_out.float()
-    grad_gate = go * up.float() * act_grad_fp32(gate, activation)
-    grad_up = go * act_fp32(gate, activation)
-    return grad_gate.to(gate.dtype), grad_up.to(gate.dtype)
+    grad_gate, grad_up, _ = _backward(grad_out, gate, up, activation)
+    return grad_gate, grad_up
 
 
-def act_mul_split(gate: torch.Tensor, up: torch.Tensor, activation: str, sel: torch.Tensor):
-    checks.act_mul_split_args(gate, up, activation, sel)
-    h = act_fp32(gate, activation) * up.float()
-    out_sel = h[:, sel]
-    out = h.index_fill(1, sel, 0.0)
-    return out.to(gate.dtype), out_sel.to(gate.dtype).contiguous()
+def act_mul_split(gate: torch.Tensor, up: torch.Tensor, activation: str, sel: torch.Tensor,
+                  slots: Optional[torch.Tensor] = None):
+    """``slots`` (ops.sel_slots(sel, I)) spares the GPU kernels a check of sel; no effect here."""
+    checks.act_mul_split_args(gate, up, activation, sel, slots)
+    h = act(gate, activation) * up
+    return h.index_fill(1, sel, 0.0), h[:, sel].contiguous()
 
 
 def act_mul_backward_split(
@@ -118,17 +105,15 @@ def act_mul_backward_split(
     up: torch.Tensor,
     activation: str,
     sel: torch.Tensor,
+    slots: Optional[torch.Tensor] = None,
 ):
-    checks.act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel)
-    dh = grad_out.float().index_copy(1, sel, grad_out_sel.float())
-    a = act_fp32(gate, activation)
-    g = dh * up.float() * act_grad_fp32(gate, activation)
-    u = dh * a
-    dt = gate.dtype
+    checks.act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel, slots)
+    dh = grad_out.contiguous().index_copy(1, sel, grad_out_sel)
+    g, u, a = _backward(dh, gate, up, activation)
     return (
-        g.index_fill(1, sel, 0.0).to(dt),
-        u.index_fill(1, sel, 0.0).to(dt),
-        g[:, sel].to(dt).contiguous(),
-        u[:, sel].to(dt).contiguous(),
-        (a * up.float())[:, sel].to(dt).contiguous(),
+        g.index_fill(1, sel, 0.0),
+        u.index_fill(1, sel, 0.0),
+        g[:, sel].contiguous(),
+        u[:, sel].contiguous(),
+        (a * up)[:, sel].contiguous(),
     )

@@ -99,7 +99,7 @@ def make_backend(name: str) -> Backend:
     if name == "cpu":
         from lape_kernels.kernels import ops
 
-        return Backend(name, "cpu", _namespace(ops), exact=False)
+        return Backend(name, "cpu", _namespace(ops), exact=True)
     if name == "triton":
         if HAS_CUDA:
             return Backend(name, "cuda", torch.ops.lape_kernels, exact=False)

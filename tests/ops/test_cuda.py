@@ -54,6 +54,8 @@ def test_plan_covers_every_row_and_column_once(emu, T, I, resident):
         assert 1 <= chunks <= 65535
         assert chunks * rows_per_chunk >= T and (chunks - 1) * rows_per_chunk < T
         assert chunks <= max(1, -(-T // 4))  # about kRows (4) rows per chunk at least
+        # at most one wave: never a full wave plus a few blocks that then run alone
+        assert grid_x * chunks <= max(resident, grid_x)
 
 
 def test_vector_width_rule(emu):
@@ -146,3 +148,28 @@ def test_cuda_and_triton_backends_agree_and_switch():
         assert lk_ops.use_cuda_backend(name) == name and lk_ops.current_cuda_backend() == name
         check_op(backend, "act_mul_count", torch.ops.lape_kernels.act_mul_count(gate, up, "gelu_tanh", lang, 4),
                  gate, up, "gelu_tanh", lang, 4)
+
+
+# ====================================================================== setup.py's choices ====
+
+
+def test_setup_cuda_targets_and_nvcc_check(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST decides the targets (no -gencode flags of our own); an nvcc whose
+    major version differs from torch's CUDA is reported with what to install."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    g = runpy.run_path(os.path.join(ROOT, "setup.py"))
+    mismatch, arch = g["nvcc_mismatch"], g["cuda_arch_list"]
+    assert mismatch("Cuda compilation tools, release 12.8, V12.8.93", "12.8") is None
+    assert mismatch("Cuda compilation tools, release 12.4, V12.4.131", "12.8") is None  # same major
+    msg = mismatch("Cuda compilation tools, release 13.0, V13.0.88", "12.8", "/usr/local/cuda/bin/nvcc")
+    assert "CUDA 13.0" in msg and "CUDA 12.8" in msg and "CUDA 12.x" in msg and "CUDA_HOME" in msg
+    assert mismatch("nvcc: command not found", "12.8").startswith("could not read the CUDA version")
+    assert arch({"TORCH_CUDA_ARCH_LIST": "9.0"}, 0) is None  # the user's list wins
+    assert arch({}, 1) is None  # torch targets the visible GPUs
+    assert arch({}, 0) == "8.0;9.0+PTX"
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        assert "-gencode" not in f.read().replace("not from -gencode flags", "")

@@ -95,8 +95,9 @@ from triton.compiler import ASTSource
 from lape_kernels.kernels import triton_elementwise as tk
 
 PTR = {"gate_ptr": "T", "up_ptr": "T", "out_ptr": "T", "sel_out_ptr": "T", "slot_ptr": "i32",
-       "lang_ptr": "i64", "oz_ptr": "i64", "sum_ptr": "fp64", "go_ptr": "T", "gos_ptr": "T",
-       "gg_ptr": "T", "gu_ptr": "T", "ggs_ptr": "T", "gus_ptr": "T", "os_ptr": "T"}
+       "sel_ptr": "i32", "start_ptr": "i32", "lang_ptr": "i64", "oz_ptr": "i64", "sum_ptr": "fp64",
+       "go_ptr": "T", "gos_ptr": "T", "gg_ptr": "T", "gu_ptr": "T", "ggs_ptr": "T", "gus_ptr": "T", "os_ptr": "T"}
+DT = {"fp32": 0, "bf16": 1, "fp16": 2}
 
 def compile_one(fn, dt, consts, num_warps, arch):
     sig = {}
@@ -116,13 +117,15 @@ for arch in (90, 80):
     for dt, act in itertools.chain(itertools.product(["bf16"], [0, 1, 2]), [("fp16", 0), ("fp32", 2)]):
         for count, split, has_lang in [(False, False, False), (True, False, True), (True, False, False),
                                        (False, True, False)]:
-            bt, bi, nw = tk.CONFIGS["count" if count else "fwd"]
-            compile_one(tk._fwd_kernel, dt, dict(ACT=act, COUNT=count, SPLIT=split, HAS_LANG=has_lang,
-                                                 BLOCK_T=bt, BLOCK_I=bi), nw, arch)
+            bt, bi, nw, _ = tk.CONFIGS["count" if count else "fwd"]
+            compile_one(tk._fwd_kernel, dt, dict(ACT=act, DT=DT[dt], PRECISE=True, COUNT=count, SPLIT=split,
+                                                 HAS_LANG=has_lang, BLOCK_T=bt, BLOCK_I=bi,
+                                                 SEL_BLOCK=tk.SEL_BLOCK), nw, arch)
             n += 1
         for split in (False, True):
-            bt, bi, nw = tk.CONFIGS["bwd"]
-            compile_one(tk._bwd_kernel, dt, dict(ACT=act, SPLIT=split, BLOCK_T=bt, BLOCK_I=bi), nw, arch)
+            bt, bi, nw, _ = tk.CONFIGS["bwd"]
+            compile_one(tk._bwd_kernel, dt, dict(ACT=act, DT=DT[dt], PRECISE=True, SPLIT=split, BLOCK_T=bt,
+                                                 BLOCK_I=bi, SEL_BLOCK=tk.SEL_BLOCK), nw, arch)
             n += 1
         if arch == 80:
             break  # one dtype/activation is enough to check the older target
@@ -159,3 +162,21 @@ def test_count_ignores_ids_that_wrap_into_range():
     for tiles in ({}, dict(block_t=8, block_i=16, row_progs=2)):
         o = tk._fwd_impl(gate, up, "silu", count=True, token_lang=lang, num_langs=2, **tiles)
         assert int(o[2].abs().sum()) == 0 and float(o[3].abs().sum()) == 0.0
+
+
+def test_grid_from_occupancy():
+    """On a GPU the row ranges per column block come from the compiled kernel's occupancy and
+    fill whole waves (never one wave plus a few programs that then run alone)."""
+    from types import SimpleNamespace
+
+    h100 = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                           shared_memory_per_multiprocessor=228 * 1024)
+    assert tk.resident_programs(120, 8, 0, h100) == 2  # 120 registers x 256 threads
+    assert tk.resident_programs(40, 4, 0, h100) == 12  # 2048 threads / 128
+    assert tk.resident_programs(32, 4, 64 * 1024, h100) == 3  # shared memory bound
+    resident = 2 * 132
+    for col_blocks, row_blocks in ((112, 256), (112, 1), (300, 64), (7, 3)):
+        row_progs = tk.whole_waves(resident, col_blocks, row_blocks)
+        assert 1 <= row_progs <= row_blocks
+        assert col_blocks * row_progs <= max(resident, col_blocks)  # at most one wave
+        assert row_progs == row_blocks or col_blocks * (row_progs + 1) > resident  # and no less
