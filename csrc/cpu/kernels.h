@@ -730,36 +730,19 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate_in, c
 }
 
 // ------------------------------------------------------------------------- act_mul_backward --
+// act_mul_backward is the split backward with nothing selected (below).
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_out_in, const Tensor& grad_out_sel, const Tensor& gate, const Tensor& up, Act a,
+    const Tensor& sel);
 
 inline std::tuple<Tensor, Tensor> act_mul_backward(const Tensor& grad_out_in, const Tensor& gate,
                                                    const Tensor& up,
                                                    const std::string& activation) {
   const Act a = check_args(gate, up, &grad_out_in, activation);
-  const Tensor grad_out = rows_view(grad_out_in);
-  if (a == Act::gelu) {
-    auto [grad_gate, grad_up, act_values_] = gelu_backward(grad_out.contiguous(), gate, up);
-    return {grad_gate, grad_up};
-  }
-  const int64_t T = gate.size(0), I = gate.size(1);
-  Tensor grad_gate = at::empty({T, I}, gate.options());
-  Tensor grad_up = at::empty({T, I}, gate.options());
-  dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
-    using T_ = typename decltype(tt)::type;
-    constexpr Act A = decltype(at_)::value;
-    if constexpr (A != Act::pre) {
-      const Rows<A, T_> in(gate, up);
-      const T_* gop = grad_out.const_data_ptr<T_>();
-      const int64_t so = row_stride(grad_out);
-      T_* ggp = grad_gate.mutable_data_ptr<T_>();
-      T_* gup = grad_up.mutable_data_ptr<T_>();
-      for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-        thread_local RowTails ft, bt;
-        ft.fill(in.fwd, t, c0, c1);
-        bt.fill(in.bwd, t, c0, c1);
-        act_grad_row<A>(in.g(t), in.u(t), gop + t * so, ggp + t * I, gup + t * I, c0, c1, StepTails{ft, bt});
-      });
-    }
-  });
+  const Tensor none = at::empty({0}, gate.options().dtype(at::kLong));
+  auto [grad_gate, grad_up, gs, us, os] =
+      backward_impl(grad_out_in, at::empty({gate.size(0), 0}, gate.options()), gate, up, a, none);
   return {grad_gate, grad_up};
 }
 
@@ -805,15 +788,23 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split
     const Tensor& up, const std::string& activation, const Tensor& sel_in,
     const std::optional<Tensor>& slots) {
   const Act a = check_args(gate, up, &grad_out_in, activation);
-  const int64_t T = gate.size(0), I = gate.size(1);
   const Tensor sel = check_sel(sel_in, slots, gate);
-  const int64_t k = sel.numel();
-  checks::check_grad_out_sel(grad_out_sel_in, T, k, gate);
+  checks::check_grad_out_sel(grad_out_sel_in, gate.size(0), sel.numel(), gate);
+  return backward_impl(grad_out_in, grad_out_sel_in, gate, up, a, sel);
+}
+
+// The checked backward: full gradients with the columns sel zeroed, and the selected ones.
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_out_in, const Tensor& grad_out_sel_in, const Tensor& gate, const Tensor& up, Act a,
+    const Tensor& sel) {
+  const int64_t T = gate.size(0), I = gate.size(1), k = sel.numel();
   const Tensor grad_out = rows_view(grad_out_in);
   const Tensor grad_out_sel = grad_out_sel_in.contiguous();
   if (a == Act::gelu) {  // ATen throughout (oneDNN's gelu), split by sel
-    const Tensor dh = grad_out.contiguous().index_copy(1, sel, grad_out_sel);
+    const Tensor dh = k == 0 ? grad_out.contiguous() : grad_out.contiguous().index_copy(1, sel, grad_out_sel);
     auto [gg, gu, act_values_] = gelu_backward(dh, gate, up);
+    const auto none = [&] { return at::empty({T, 0}, gate.options()); };
+    if (k == 0) return {gg, gu, none(), none(), none()};
     return {gg.index_fill(1, sel, 0), gu.index_fill(1, sel, 0), gg.index_select(1, sel),
             gu.index_select(1, sel), at::mul(act_values_.index_select(1, sel), up.index_select(1, sel))};
   }
