@@ -7,6 +7,12 @@ ops used by sparse training (k = 5% of I) against eager gather/scatter. Medians 
 ``triton.testing.do_bench``; effective GB/s = the bytes each op must move at least (read inputs
 once, write outputs once) / time, next to a device-to-device copy measured in the same run.
 
+First, numerics: every backend's act_mul / act_mul_backward against ATen on the same GPU
+(``F.silu(g) * u`` and its autograd, the Hugging Face MLP) and against ATen on the CPU (what the
+CPU kernels match bit for bit): the share of elements that differ and the largest difference in
+units of the dtype's last place, per dtype and activation (the kernels follow ATen's rounding
+points; the GPU's exp/tanh/erf may differ from SLEEF's in the last fp32 bit).
+
 Second table, the stretch goal (GEMM epilogue): gate_up_act_mul_count(x, Wg, Wu) at H = 4096,
 T = 4096 (--gemm-tokens) against the unfused path a patched model runs today: cuBLAS
 ``x @ Wg.T``, ``x @ Wu.T`` (bf16 out) + act_mul_count, and against the cuBLAS GEMMs alone
@@ -16,7 +22,9 @@ the unfused path with the Triton act_mul_count (< 1: the fused kernel is faster)
     python benchmarks/gpu_kernels.py --out reports/gpu_kernels.md [--tokens 4096,16384] [--sweep]
 
 CUDA only (prints a note and exits 0 without a GPU). Runs in well under a minute on an H100
-(most of it Triton's first compilation); --sweep also times a few Triton tile configurations.
+(most of it Triton's first compilation); --sweep also times a few Triton tile configurations
+(count: 8-row tiles with 4 warps, num_stages 2; GEMM: num_stages 4). The split ops are timed
+with and without the cached slot map (ops.sel_slots: no per-call check of sel, no host sync).
 """
 from __future__ import annotations
 
@@ -115,6 +123,7 @@ def main(argv=None) -> int:
         grad = torch.randn(T, I, device=dev, dtype=dt, generator=gen)
         lang = torch.arange(T, device=dev) // 1024 % 4  # 4 languages, runs of 1024 tokens
         sel = torch.randperm(I, device=dev)[:k].sort().values
+        slots = (lk_ops.sel_slots if lk_ops is not None else tk.sel_slots)(sel, I)
         grad_sel = torch.randn(T, k, device=dev, dtype=dt, generator=gen)
         e = gate.element_size()
         n = T * I * e
@@ -172,13 +181,23 @@ def main(argv=None) -> int:
                 lambda: ops.act_mul_split(gate, up, "silu", sel), 3 * n)
             add(T, f"split bwd (k={k})", f"{name} act_mul_backward_split",
                 lambda: ops.act_mul_backward_split(grad, grad_sel, gate, up, "silu", sel), 5 * n)
+            add(T, f"split fwd (k={k})", f"{name} act_mul_split, cached slots",
+                lambda: ops.act_mul_split(gate, up, "silu", sel, slots), 3 * n)
+            add(T, f"split bwd (k={k})", f"{name} act_mul_backward_split, cached slots",
+                lambda: ops.act_mul_backward_split(grad, grad_sel, gate, up, "silu", sel, slots), 5 * n)
 
         if args.sweep:
             saved = dict(tk.CONFIGS)
-            for cfg in [(16, 128, 8), (32, 128, 8), (16, 256, 8), (8, 256, 4), (32, 64, 4)]:
+            for cfg in [(16, 128, 8, 1), (8, 128, 4, 1), (8, 128, 4, 2), (32, 128, 8, 1), (16, 256, 8, 1),
+                        (8, 256, 4, 2), (32, 64, 4, 1)]:
                 tk.CONFIGS["count"] = cfg
-                add(T, "act*up + count (4 langs)", f"triton direct, tile {cfg[0]}x{cfg[1]} w{cfg[2]}",
+                add(T, "act*up + count (4 langs)", f"triton direct, tile {cfg[0]}x{cfg[1]} w{cfg[2]} s{cfg[3]}",
                     lambda: tk.act_mul_count(gate, up, "silu", lang, 4), 3 * n)
+            tk.CONFIGS.update(saved)
+            for cfg in [(16, 128, 8, 1), (16, 128, 4, 2), (8, 128, 4, 2), (32, 128, 8, 2)]:
+                tk.CONFIGS["bwd"] = cfg
+                add(T, f"split bwd (k={k})", f"triton direct, tile {cfg[0]}x{cfg[1]} w{cfg[2]} s{cfg[3]}",
+                    lambda: tk.act_mul_backward_split(grad, grad_sel, gate, up, "silu", sel, slots), 5 * n)
             tk.CONFIGS.update(saved)
         return True
 
@@ -202,18 +221,19 @@ def main(argv=None) -> int:
         def count_op(name):
             return backend(name).act_mul_count
 
-        # sanity: fused counts vs act_mul_count on fp32 projections; they may differ only where
-        # |gate| is within GEMM rounding of 0 (different summation orders), which is rare.
-        g32, u32 = x.float() @ w_gate.float().T, x.float() @ w_up.float().T
-        r_oz = ref.act_mul_count(g32, u32, "silu", lang, 4)[1]
+        # sanity: fused counts vs act_mul_count on the module's projections (cuBLAS, rounded to
+        # bf16); they may differ only where |gate| is within GEMM rounding of 0 (different
+        # summation orders), which is rare.
+        r_oz = ref.act_mul_count(x @ w_gate.T, x @ w_up.T, "silu", lang, 4)[1]
+        g32 = x.float() @ w_gate.float().T
         u = 2.0**-24
         bound = 2 * H * u / (1 - H * u) * (x.float().abs() @ w_gate.float().abs().T)
         ambiguous = int(((g32.abs() <= bound) & (lang >= 0)[:, None]).sum())
-        g32 = u32 = bound = None
+        g32 = bound = None
         for name in impls:
             oz = fused_op(name)(x, w_gate, w_up, "silu", lang, 4)[1]
             diff = int((oz - r_oz).abs().sum())
-            print(f"gate_up_act_mul_count [{name}]: {diff} count(s) differ from fp32 projections "
+            print(f"gate_up_act_mul_count [{name}]: {diff} count(s) differ from the module's projections "
                   f"({ambiguous} ambiguous elements)")
             if diff > ambiguous:
                 print(f"ERROR: {name} gate_up_act_mul_count counts are wrong", file=sys.stderr)
@@ -229,10 +249,10 @@ def main(argv=None) -> int:
                      lambda: cnt(x @ w_gate.T, x @ w_up.T, "silu", lang, 4))
         for name in impls:
             fused = fused_op(name)
-            what = "fused GEMM epilogue" if name == "triton" else "composite: fp32 cuBLAS + act_mul_count"
+            what = "fused GEMM epilogue" if name == "triton" else "composite: cuBLAS + act_mul_count"
             gemm_add(f"{name} gate_up_act_mul_count ({what})", lambda: fused(x, w_gate, w_up, "silu", lang, 4))
         if args.sweep:
-            for cfg in [(128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (128, 64, 64, 8, 4, 4),
+            for cfg in [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (128, 64, 64, 8, 4, 4),
                         (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 4), (256, 64, 64, 8, 8, 3)]:
                 bt, bi, bk, gt, nw, ns = cfg
                 gemm_add(f"triton direct, tile {bt}x{bi}x{bk} g{gt} w{nw} s{ns}",
@@ -240,6 +260,45 @@ def main(argv=None) -> int:
                                           group_t=gt, num_warps=nw, num_stages=ns))
         return True
 
+    numerics = []  # (dtype, act, impl, vs, share differing, share > 1 ulp apart, max |diff| / max |ref|)
+
+    def beyond_one_ulp(a, b):
+        """Share of elements more than one unit in the last place (of b's dtype, at |b|) apart."""
+        fi = torch.finfo(b.dtype)
+        spacing = torch.where(b.abs() < fi.tiny, torch.full_like(b, fi.tiny * fi.eps), b.abs() * fi.eps).double()
+        far = (a.double() - b.double()).abs() > spacing
+        return float((far & ~(a.isnan() & b.isnan())).float().mean())
+
+    def check_numerics():
+        """Each backend vs ATen's MLP (the same GPU and the CPU), forward and backward."""
+        acts = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}
+        T = 64 if args.smoke else 2048
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            gen = torch.Generator(device=dev).manual_seed(2)
+            gate = (torch.randn(T, I, device=dev, generator=gen) * 3).to(dtype)
+            up = torch.randn(T, I, device=dev, generator=gen).to(dtype)
+            grad = torch.randn(T, I, device=dev, generator=gen).to(dtype)
+            for act, f in acts.items():
+                refs = {}
+                for where, g, u, go in (("ATen same device", gate, up, grad),
+                                        ("ATen CPU", gate.cpu(), up.cpu(), grad.cpu())):
+                    gl, ul = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+                    out = f(gl) * ul
+                    out.backward(go)
+                    refs[where] = (out.detach(), gl.grad, ul.grad)
+                for name in impls:
+                    ops = backend(name)
+                    got = (ops.act_mul(gate, up, act),) + tuple(ops.act_mul_backward(grad, gate, up, act))
+                    for where, want in refs.items():
+                        for what, a, b in zip(("out", "grad_gate", "grad_up"), got, want):
+                            a, b = a.cpu(), b.cpu()
+                            diff = ~((a == b) | (a.isnan() & b.isnan()))
+                            rel = float((a.double() - b.double()).nan_to_num(0.0).abs().max()
+                                        / b.double().nan_to_num(0.0).abs().max().clamp_min(1e-30))
+                            numerics.append((str(dtype).replace("torch.", ""), act, f"{name} {what}", where,
+                                             float(diff.float().mean()), beyond_one_ulp(a, b), rel))
+
+    check_numerics()
     for T in tokens:
         if not time_tokens(T):
             return 1
@@ -283,6 +342,16 @@ def main(argv=None) -> int:
         for T, impl, ms, flops in gemm_rows:
             ratio = f"{ms / base[T]:.2f}" if T in base else "-"
             lines.append(f"| {T} | {impl} | {ms:.3f} | {flops / (ms * 1e-3) / 1e12:.0f} | {ratio} |")
+    if numerics:
+        lines += [
+            "",
+            "## Numerics: the kernels against ATen's MLP (F.act(g) * u and its autograd)",
+            "",
+            "| dtype | act | output | against | elements differing | > 1 ulp apart | max diff / max |ref| |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: |",
+        ]
+        for dtype, act, what, where, share, far, worst in numerics:
+            lines.append(f"| {dtype} | {act} | {what} | {where} | {100 * share:.3f}% | {100 * far:.3f}% | {worst:.1e} |")
     lines += ["", f"(total benchmark time {time.time() - t_start:.0f} s)"]
     text = "\n".join(lines)
     print(text)

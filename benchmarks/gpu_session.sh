@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for s in $STEPS; do case $s in
   build) step build 240 python3 setup.py build_ext --inplace ;;
-  tests) step tests 170 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_triton.py tests/test_gate_up_gemm.py ;;
+  tests) step tests 170 python3 -m pytest -q -x -p no:cacheprovider tests/ops ;;
   kernels) step kernels 90 python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.md" ;;
   collect) step collect 120 python3 benchmarks/bench_collect.py --device cuda --backend both --out "$OUT/collect" ;;
   train) step train 300 python3 benchmarks/bench_train.py --device cuda --shape llama-3.1-8b --seq 4096 --dtype bf16 \

@@ -12,36 +12,12 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "common/schemas.h"
+
 #include <string>
 #include <vector>
 
-TORCH_LIBRARY(lape_kernels, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("act_mul(Tensor gate, Tensor up, str activation) -> Tensor", tags);
-  m.def(
-      "act_mul_count(Tensor gate, Tensor up, str activation, Tensor? token_lang, int num_langs)"
-      " -> (Tensor out, Tensor over_zero, Tensor act_sum)",
-      tags);
-  m.def(
-      "act_mul_backward(Tensor grad_out, Tensor gate, Tensor up, str activation)"
-      " -> (Tensor grad_gate, Tensor grad_up)",
-      tags);
-  m.def(
-      "act_mul_split(Tensor gate, Tensor up, str activation, Tensor sel)"
-      " -> (Tensor out, Tensor out_sel)",
-      tags);
-  m.def(
-      "act_mul_backward_split(Tensor grad_out, Tensor grad_out_sel, Tensor gate, Tensor up,"
-      " str activation, Tensor sel) -> (Tensor grad_gate, Tensor grad_up, Tensor grad_gate_sel,"
-      " Tensor grad_up_sel, Tensor out_sel)",
-      tags);
-  // act_mul_count of gate = x @ w_gate.T, up = x @ w_up.T (fp32 GEMMs, never rounded to the
-  // input dtype); the Triton kernel keeps gate/up in its GEMM accumulators. Not differentiable.
-  m.def(
-      "gate_up_act_mul_count(Tensor x, Tensor w_gate, Tensor w_up, str activation,"
-      " Tensor? token_lang, int num_langs) -> (Tensor out, Tensor over_zero, Tensor act_sum)",
-      tags);
-}
+TORCH_LIBRARY(lape_kernels, m) { LAPE_KERNELS_DEFINE_SCHEMAS(m); }
 
 namespace {
 

@@ -14,7 +14,6 @@ Nothing here is used by the library itself.
 from __future__ import annotations
 
 import copy
-import types
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -305,17 +304,6 @@ class HookCounter:
         self.remove()
 
 
-def _round_once_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """HF's MLP forward with act(gate) * up in float32 and a single rounding (the ops' contract)."""
-    if hasattr(self, "gate_up_proj"):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        act = self.activation_fn(gate.float())
-    else:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        act = self.act_fn(gate.float())
-    return self.down_proj((act * up.float()).to(x.dtype))
-
-
 @torch.no_grad()
 def hook_counts(
     model: nn.Module,
@@ -323,29 +311,17 @@ def hook_counts(
     attention_mask: Optional[torch.Tensor] = None,
     token_lang: Optional[torch.Tensor] = None,
     num_langs: int = 1,
-    round_once: Optional[bool] = None,
 ) -> Dict[str, torch.Tensor]:
     """One forward's :class:`HookCounter` statistics on an UNPATCHED copy of ``model``, padding
     (``attention_mask == 0``) excluded. ``token_lang``: ``[B]`` or ``[B, S]`` language ids
-    (-1 = skip); None = every token is language 0.
-
-    ``round_once`` (default: when the model is not float32): the copy's MLPs evaluate
-    act(gate) * up in float32 and round once, as the lape_kernels ops are specified to. Hugging
-    Face's bf16 MLP rounds act(gate) to bf16 before the product, so from layer 1 on the gates
-    differ in their last bits from those of any round-once implementation and a few near-zero
-    gates flip sign: bit-exact count comparisons need the same MLP arithmetic, while the
-    counting itself (the hook) stays the reference's.
+    (-1 = skip); None = every token is language 0. The copy runs Hugging Face's own MLP in the
+    model's dtype: the patched ops compute exactly that, so counts compare bit for bit.
     Returns ``over_zero`` int64 [num_langs, L, I], ``act_sum`` float64 [num_langs, L, I],
     ``n_tokens`` int64 [num_langs], on the CPU.
     """
     ref = copy.deepcopy(model)
     if is_patched(ref):
         unpatch(ref)
-    if round_once is None:
-        round_once = next(ref.parameters()).dtype != torch.float32
-    if round_once:
-        for layer in decoder_layers(ref)[1]:
-            layer.mlp.forward = types.MethodType(_round_once_mlp_forward, layer.mlp)
     B, S = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones(B, S, dtype=torch.int64, device=input_ids.device)

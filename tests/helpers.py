@@ -10,7 +10,7 @@ import torch
 from lape_kernels.testing import TINY_FAMILIES
 
 #: the dtypes model-level tests run in, by the short names used in test ids
-MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def over_families_dtypes_paddings(paddings: Sequence) -> Callable:

@@ -4,8 +4,9 @@
 // This header is compiled once per CPU capability (csrc/cpu/kernels_<isa>.cpp, each its own
 // extension module with its own ISA flags, so no AVX code can leak into the default build; see
 // setup.py). Vector code uses at::vec::Vectorized<float> plus a few AVX2/AVX-512 intrinsics.
-// All arithmetic is fp32 (bf16/fp16 widened on load); inputs are read once, every output
-// element is written once, rounded once; gate/up are read through their row stride.
+// Arithmetic is fp32 (bf16/fp16 widened on load) with ATen's rounding points (see "the math");
+// inputs are read once, every output element is written once; gate/up are read through their
+// row stride.
 #pragma once
 
 #include <Python.h>
@@ -16,18 +17,30 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/cpu/Gelu.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/index_copy.h>
+#include <ATen/ops/index_fill.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#include "../common/checks.h"
+#include "../common/schemas.h"
 
 #ifndef CPU_CAPABILITY
 #error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (see setup.py)"
@@ -38,141 +51,56 @@ inline namespace CPU_CAPABILITY {
 
 using at::Tensor;
 using fVec = at::vec::Vectorized<float>;
+using lape_kernels::Act;
+using checks::row_stride;
+using checks::rows_view;
 
 // Elements per inner step: two fp32 vectors (= one bf16/fp16 vector).
 constexpr int64_t kW = 2 * fVec::size();
 // Work per parallel task, in elements (keeps small inputs on one thread).
 constexpr int64_t kGrainElems = 32768;
 
-enum class Act { silu, gelu_tanh, gelu };
-
 // ----------------------------------------------------------------------------------- checks --
+// csrc/common/checks.h, plus what only the CPU kernels need.
 
-inline Act parse_activation(const std::string& activation) {
-  if (activation == "silu") return Act::silu;
-  if (activation == "gelu_tanh") return Act::gelu_tanh;
-  if (activation == "gelu") return Act::gelu;
-  TORCH_CHECK_VALUE(false, "activation must be one of ('silu', 'gelu_tanh', 'gelu'), got '",
-                    activation, "'");
+inline Act check_args(const Tensor& gate, const Tensor& up, const Tensor* grad_out,
+                      const std::string& activation) {
+  return checks::check_gate_up(gate, up, grad_out, activation, c10::DeviceType::CPU, "CPU");
 }
 
-inline void check_float_2d(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [tokens, intermediate], got shape ",
-                    t.sizes());
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-                    " must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ",
-                    t.device());
-}
-
-// gate/up (and grad_out against gate): 2-D, same float dtype, same shape, CPU.
-inline void check_pair(const Tensor& a, const Tensor& b, const char* na, const char* nb) {
-  check_float_2d(a, na);
-  check_float_2d(b, nb);
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), na, " and ", nb, " must have the same shape, got ",
-                    a.sizes(), " and ", b.sizes());
-  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), na, " and ", nb,
-                    " must have the same dtype, got ", a.scalar_type(), " and ",
-                    b.scalar_type());
-}
-
-// The kernels read rows through stride(0) and need unit stride along the last dim. gate/up
-// must already be like that (views such as the halves of a fused gate_up output are fine);
-// other [T, I] inputs (gradients) are copied if they are not.
-inline void check_rows(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name,
-                    " must have a contiguous last dimension (stride(1) == 1), got strides ",
-                    t.strides());
-}
-
-inline Tensor rows_view(const Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
-}
-
-inline int64_t row_stride(const Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0); }
-
-// sel: int64 [k], strictly increasing, values in [0, I).
-inline Tensor check_sel(const Tensor& sel, int64_t I) {
-  TORCH_CHECK_VALUE(sel.dim() == 1 && sel.scalar_type() == at::kLong,
-                    "sel must be a 1-D int64 tensor, got ", sel.scalar_type(), " of shape ",
-                    sel.sizes());
-  TORCH_CHECK_VALUE(sel.device().is_cpu(), "sel must be on cpu, got ", sel.device());
+// sel: int64 [k] on the CPU, strictly increasing, values in [0, I): checked here on every call
+// (no device sync on a CPU; the kernels locate the selected columns through sel). An optional
+// slot map (ops.sel_slots) is only checked for its shape: the CPU kernels do not need it.
+inline Tensor check_sel(const Tensor& sel, const std::optional<Tensor>& slots, const Tensor& gate) {
+  checks::check_sel(sel, gate.device());
+  checks::check_slots(slots, gate.size(1), gate.device());
   Tensor s = sel.contiguous();
   const int64_t* p = s.const_data_ptr<int64_t>();
-  const int64_t k = s.numel();
-  for (int64_t j = 0; j < k; ++j) {
-    TORCH_CHECK_VALUE(p[j] >= 0 && p[j] < I, "sel values must be in [0, ", I, "), got sel[", j,
-                      "] = ", p[j]);
-    TORCH_CHECK_VALUE(j == 0 || p[j] > p[j - 1],
-                      "sel must be sorted ascending and unique, got sel[", j - 1,
-                      "] = ", p[j - 1], " and sel[", j, "] = ", p[j]);
-  }
+  const int64_t k = s.numel(), I = gate.size(1);
+  bool ok = true;
+  for (int64_t j = 0; j < k && ok; ++j) ok = p[j] >= 0 && p[j] < I && (j == 0 || p[j] > p[j - 1]);
+  checks::check_sel_values(ok, I);
   return s;
 }
 
 // --------------------------------------------------------------------------------- the math --
-// The functions of lape_kernels/reference.py act_fp32 / act_grad_fp32, in fp32. The forward is
-// PyTorch's own activation code (see act below); the reference orders some operations
-// differently, so they agree to a few ulp relative to |act| + |g| (tests/test_ops.py).
+// HF-exact numerics (docs/ARCHITECTURE.md): the ops compute what the Hugging Face MLP they
+// replace computes with ATen, bit for bit. a = act(gate) is evaluated with ATen's own CPU
+// formulas (aten/src/ATen/native/cpu/Activation.cpp, Gelu.h: fp32 arithmetic, reduced precision
+// upcast), rounded to the dtype as F.silu / F.gelu(approximate="tanh") round their output; the
+// product a * up is rounded again (a bf16 * bf16 multiply in ATen computes in fp32 and rounds).
+// The backward follows autograd of `act(gate) * up`: ga = round(dh * up), grad_gate =
+// silu_backward / gelu_backward(ga, gate) with ATen's formulas, grad_up = round(dh * a).
+//
+// ATen evaluates an elementwise op with a vector function (SLEEF exp/tanh) over steps of
+// 2 x Vectorized<scalar_t>::size() elements and its scalar function (libm) on the remainder of
+// each contiguous run a thread is given; the two differ in the last bit for a few % of fp32
+// inputs. AtenTails below tells which elements ATen gives to the scalar function, so the kernels
+// use the same function for each element. Exact-erf "gelu" runs through oneDNN in ATen for
+// contiguous fp32/bf16 inputs: for it the CPU kernels let ATen compute act and act' (Act::pre).
+// FMA contraction stays at GCC's default, as in PyTorch's build (setup.py).
 
-constexpr float kSqrt2OverPi = 0.7978845608028654f;   // sqrt(2 / pi)
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
-constexpr float kGeluC3 = 0.134145f;                  // 3 * 0.044715 (as Python folds it)
-
-// exp(x) for the exact-gelu derivative, inlined (a SLEEF call makes every live vector register
-// spill). Cody-Waite reduction x = q ln2 + r, |r| <= ln2/2, a degree-7 Taylor polynomial
-// (truncation error below 0.15 ulp), then 2^q applied as two exact power-of-two factors so
-// that overflow gives inf and underflow rounds once into the subnormals. Max error about
-// 1.5 ulp; NaN propagates (min(hi, x) returns x when x is NaN, max(lo, NaN) returns NaN).
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2Hi = 0.693145751953125f;
-constexpr float kLn2Lo = 1.428606765330187e-06f;
-constexpr float kExpC[8] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f,
-                            1.0f / 6.0f,    0.5f,           1.0f,           1.0f};
-
-inline fVec exp_inline(const fVec& x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
-  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(q, _mm512_set1_ps(kLn2Hi), v);
-  r = _mm512_fnmadd_ps(q, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpC[0]);
-  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[i]));
-  const __m512i qi = _mm512_cvtps_epi32(q);
-  const __m512i q1 = _mm512_srai_epi32(qi, 1);
-  const __m512i q2 = _mm512_sub_epi32(qi, q1);
-  const __m512i bias = _mm512_set1_epi32(127);
-  const __m512 f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23));
-  const __m512 f2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23));
-  return _mm512_mul_ps(_mm512_mul_ps(p, f1), f2);
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 v = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_min_ps(_mm256_set1_ps(89.0f), x));
-  const __m256 q = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(q, _mm256_set1_ps(kLn2Hi), v);
-  r = _mm256_fnmadd_ps(q, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpC[0]);
-  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC[i]));
-  const __m256i qi = _mm256_cvtps_epi32(q);
-  const __m256i q1 = _mm256_srai_epi32(qi, 1);
-  const __m256i q2 = _mm256_sub_epi32(qi, q1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q1, bias), 23));
-  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q2, bias), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
-#else
-  return x.exp();
-#endif
-}
-
-// act(g), forward: PyTorch's own vectorised CPU code for F.silu (its SiLU kernel's formula) and
-// F.gelu (ATen/native/cpu/Gelu.h itself), so a patched model's act(gate) * up is bit-identical
-// to the Hugging Face MLP evaluated as `act_fn(gate.float()) * up.float()`, rounded once (where
-// PyTorch takes its vector path: rows a multiple of 64 long; exact-erf "gelu" on large inputs
-// goes through oneDNN in PyTorch and may differ in the last bit). That keeps LAPE counts equal,
-// bit for bit, to the LAPE hook's on an unpatched model, in every layer.
+// a = act(g): ATen's vector function.
 template <Act A>
 inline fVec act(const fVec& g) {
   if constexpr (A == Act::silu) {
@@ -180,35 +108,146 @@ inline fVec act(const fVec& g) {
   } else if constexpr (A == Act::gelu_tanh) {
     return at::native::vectorized_gelu_approximated_with_tanh<float>(g);
   } else {
-    return at::native::vectorized_gelu<float>(g);
+    static_assert(A == Act::pre, "exact gelu is computed by ATen (Act::pre)");
+    return g;  // gate already holds act(gate)
   }
 }
 
-// a = act(g) exactly as the forward computes it (same expressions as act / Gelu.h, so the
-// backward's out_sel and grad_up use the forward's values bit for bit; tests/test_ops.py checks
-// it), and d = act'(g) from the same transcendental.
+// ATen's scalar function (the remainder of a thread's contiguous run).
 template <Act A>
-inline void act_and_grad(const fVec& g, fVec& a, fVec& d) {
-  const fVec one(1.0f), half(0.5f);
+inline float act_scalar(float x) {
   if constexpr (A == Act::silu) {
-    const fVec den = one + g.neg().exp();
-    a = g / den;
-    const fVec s = den.reciprocal();
-    d = s * (one + g * (one - s));
+    return x / (1.0f + std::exp(-x));
   } else if constexpr (A == Act::gelu_tanh) {
-    const fVec x_cube = g * g * g;
-    const fVec inner = fVec(static_cast<float>(at::native::kGeluBeta)) *
-                       (g + fVec(static_cast<float>(at::native::kGeluKappa)) * x_cube);
-    const fVec t = inner.tanh();
-    a = half * g * (one + t);
-    const fVec d_inner = fVec(kSqrt2OverPi) * (one + fVec(kGeluC3) * g * g);
-    d = half * (one + t) + half * g * (one - t * t) * d_inner;
+    return at::native::scalar_gelu_approximated_with_tanh<float>(x);
   } else {
-    const fVec e = one + (g * fVec(static_cast<float>(M_SQRT1_2))).erf();
-    a = g * half * e;
-    d = half * e + g * fVec(kInvSqrt2Pi) * exp_inline(fVec(-0.5f) * g * g);
+    return x;
   }
 }
+
+// ATen's silu_backward / gelu_backward(approximate="tanh") vector function: dy * act'(x).
+template <Act A>
+inline fVec act_backward(const fVec& dy, const fVec& x) {
+  const fVec one(1.0f);
+  if constexpr (A == Act::silu) {
+    const fVec sigmoid = one / (one + x.neg().exp());
+    return dy * sigmoid * (one + x * (one - sigmoid));
+  } else {
+    static_assert(A == Act::gelu_tanh, "act_backward: silu or gelu_tanh");
+    const fVec kBeta(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
+    const fVec kKappa(static_cast<float>(0.044715));
+    const fVec kThree(3.0f), kHalf(0.5f);
+    const fVec x_sq = x * x;
+    const fVec x_cube = x * x * x;
+    const fVec inner = kBeta * (x + kKappa * x_cube);
+    const fVec tanh_inner = inner.tanh();
+    const fVec left = kHalf * x;
+    const fVec right = one + tanh_inner;
+    const fVec left_derivative = kHalf * right;
+    const fVec tanh_derivative = one - tanh_inner * tanh_inner;
+    const fVec inner_derivative = kBeta * (one + kThree * kKappa * x_sq);
+    const fVec right_derivative = left * tanh_derivative * inner_derivative;
+    return dy * (left_derivative + right_derivative);
+  }
+}
+
+// The scalar function of act_backward.
+template <Act A>
+inline float act_backward_scalar(float dy, float x) {
+  if constexpr (A == Act::silu) {
+    const float sigmoid = 1.0f / (1.0f + std::exp(-x));
+    return dy * sigmoid * (1.0f + x * (1.0f - sigmoid));
+  } else {
+    const float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5);
+    const float kKappa = static_cast<float>(0.044715);
+    const float x_sq = x * x;
+    const float x_cube = x_sq * x;
+    const float inner = kBeta * (x + kKappa * x_cube);
+    const float tanh_inner = std::tanh(inner);
+    const float left = 0.5f * x;
+    const float right = 1.0f + tanh_inner;
+    const float left_derivative = 0.5f * right;
+    const float tanh_derivative = 1.0f - tanh_inner * tanh_inner;
+    const float inner_derivative = kBeta * (1.0f + 3.0f * kKappa * x_sq);
+    const float right_derivative = left * tanh_derivative * inner_derivative;
+    return dy * (left_derivative + right_derivative);
+  }
+}
+
+// Which elements of an elementwise ATen op over a [T, I] gate ATen evaluates with its scalar
+// function: TensorIterator coalesces a gate whose rows are contiguous in memory (`flat`) into one
+// run, else iterates row by row; at::parallel_for hands threads ranges of ceil(N / threads)
+// elements when N exceeds the op's grain (OpenMP, not inside a parallel region); each
+// contiguous run of a range is evaluated in vector steps from its start, its remainder
+// (run length mod step) by the scalar function.
+struct AtenTails {
+  int64_t I = 0, N = 0, step = 1, chunk = 1;
+  bool flat = true;
+
+  AtenTails() = default;
+  AtenTails(int64_t T, int64_t I_, bool flat_, int64_t step_, int64_t grain)
+      : I(I_), N(T * I_), step(step_), flat(flat_ || T <= 1) {
+    chunk = std::max<int64_t>(N, 1);
+    const int64_t threads = at::get_num_threads();
+    if (N > grain && N > 1 && threads > 1 && !at::in_parallel_region()) {
+      const int64_t used = std::min<int64_t>(threads, (N + grain - 1) / std::max<int64_t>(grain, 1));
+      chunk = (N + used - 1) / used;
+    }
+  }
+
+  // Calls f(c_begin, c_end) for the columns of row t that ATen evaluates with the scalar function.
+  template <typename F>
+  void for_row(int64_t t, const F& f) const {
+    if (N == 0) return;
+    const int64_t r0 = t * I, r1 = r0 + I;
+    for (int64_t k = r0 / chunk; k * chunk < r1; ++k) {
+      const int64_t b = k * chunk, e = std::min(N, b + chunk);
+      const int64_t p0 = flat ? b : std::max(b, r0), p1 = flat ? e : std::min(e, r1);
+      const int64_t lo = std::max(r0, p0 + (p1 - p0) / step * step), hi = std::min(r1, p1);
+      if (lo < hi) f(lo - r0, hi - r0);
+    }
+  }
+};
+
+// ATen's step for dtype T and the grain its op passes to cpu_kernel_vec.
+template <typename T>
+constexpr int64_t aten_step() {
+  return 2 * static_cast<int64_t>(at::vec::Vectorized<T>::size());
+}
+constexpr int64_t kAtenGrain = 32768;  // at::internal::GRAIN_SIZE
+
+// The forward's: F.gelu uses numel / threads above 16384 elements (GeluKernelImpl).
+template <Act A>
+inline int64_t act_grain(int64_t numel) {
+  if constexpr (A == Act::gelu_tanh) {
+    return numel > 16384 ? numel / std::max(1, at::get_num_threads()) : kAtenGrain;
+  }
+  return kAtenGrain;
+}
+
+// The scalar column ranges of one row, clipped to [c0, c1) (usually none).
+struct RowTails {
+  std::vector<std::pair<int64_t, int64_t>> r;
+  void fill(const AtenTails& tails, int64_t t, int64_t c0, int64_t c1) {
+    r.clear();
+    tails.for_row(t, [&](int64_t lo, int64_t hi) {
+      lo = std::max(lo, c0);
+      hi = std::min(hi, c1);
+      if (lo < hi) r.emplace_back(lo, hi);
+    });
+  }
+  // Whether column c (of lane j of a step starting at column c0, or cols[j]) is in a range.
+  bool has(int64_t c) const {
+    for (const auto& [lo, hi] : r)
+      if (c >= lo && c < hi) return true;
+    return false;
+  }
+  bool overlaps(int64_t c0, int64_t c1) const {
+    for (const auto& [lo, hi] : r)
+      if (lo < c1 && hi > c0) return true;
+    return false;
+  }
+};
 
 // ------------------------------------------------------------------------------ load/store --
 // kW elements per call as two fp32 vectors; the `n` overloads handle a partial tail (missing
@@ -301,8 +340,8 @@ inline void dispatch_act(Act a, const F& f) {
     case Act::gelu_tanh:
       f(std::integral_constant<Act, Act::gelu_tanh>{});
       break;
-    case Act::gelu:
-      f(std::integral_constant<Act, Act::gelu>{});
+    default:  // Act::gelu was replaced by ATen's act values (prepare_act)
+      f(std::integral_constant<Act, Act::pre>{});
       break;
   }
 }
@@ -333,54 +372,7 @@ inline void dispatch(at::ScalarType st, Act a, const F& f) {
   }
 }
 
-// ---------------------------------------------------------------------------------- act_mul --
-
-inline Tensor act_mul(const Tensor& gate, const Tensor& up, const std::string& activation) {
-  check_pair(gate, up, "gate", "up");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
-  const int64_t T = gate.size(0), I = gate.size(1);
-  Tensor out = at::empty({T, I}, gate.options());
-  dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
-    using T_ = typename decltype(tt)::type;
-    constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
-    T_* op = out.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up);
-    for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
-      T_* o = op + t * I;
-      int64_t c = c0;
-      fVec g0, g1, u0, u1;
-      for (; c + kW <= c1; c += kW) {
-        io::load(g + c, g0, g1);
-        io::load(u + c, u0, u1);
-        io::store(o + c, act<A>(g0) * u0, act<A>(g1) * u1);
-      }
-      if (c < c1) {
-        const int64_t n = c1 - c;
-        io::load(g + c, n, g0, g1);
-        io::load(u + c, n, u0, u1);
-        io::store(o + c, n, act<A>(g0) * u0, act<A>(g1) * u1);
-      }
-    });
-  });
-  return out;
-}
-
-// ---------------------------------------------------------------------------- act_mul_count --
-// Work is split into tiles of rows x columns (full rows unless I is large); each task owns a
-// tile and its own per-language accumulators, so no atomics are needed, and the results of
-// row tiles are added in a fixed order at the end. Rows are walked in memory order. Per
-// language the accumulators are fp32 counts (exact: a tile has < 2^24 rows) and fp64 sums
-// (every act value is added in fp64, as the reference does).
-
-constexpr int64_t kCountCols = 128 * kW;   // max columns per tile (a multiple of kW)
-constexpr int64_t kMaxTileRows = 1 << 24;  // fp32 counters stay exact
+// ------------------------------------------------------------------------- count helpers --
 
 // cnt[j] += (a[j] > 0) for one fp32 vector (NaN is not > 0).
 inline void count_positive(const fVec& a, float* cnt) {
@@ -450,60 +442,217 @@ struct CountAcc {
   }
 };
 
-// One row of act_mul_count over columns [c0, c1): out written; act values added to the
-// language's accumulators cnt/sum (indexed from c0) unless cnt is null.
-template <Act A, typename T>
-inline void count_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t c0,
-                      int64_t c1, float* __restrict cnt, double* __restrict sum) {
-  using io = IO<T>;
-  fVec g0, g1, u0, u1;
-  int64_t c = c0;
-  if (cnt != nullptr) {
-    for (; c + kW <= c1; c += kW) {
-      io::load(g + c, g0, g1);
-      io::load(u + c, u0, u1);
-      const fVec a0 = act<A>(g0), a1 = act<A>(g1);
-      io::store(o + c, a0 * u0, a1 * u1);
-      add_act(a0, a1, cnt + (c - c0), sum + (c - c0));
-    }
-  } else {
-    for (; c + kW <= c1; c += kW) {
-      io::load(g + c, g0, g1);
-      io::load(u + c, u0, u1);
-      io::store(o + c, act<A>(g0) * u0, act<A>(g1) * u1);
-    }
+// ------------------------------------------------------------------------------ row kernels --
+// The per-row loops every op shares; rows are read through their row stride by the callers.
+
+// (a, b) rounded to T and back (no-op for fp32): the rounding ATen applies to act(gate) and to
+// a product stored in T.
+template <typename T>
+inline void round_to(fVec& a, fVec& b) {
+  if constexpr (!std::is_same_v<T, float>) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
   }
-  if (c < c1) {
-    // Missing lanes of the partial step hold act(0) == 0: adding them is harmless.
-    const int64_t n = c1 - c;
-    io::load(g + c, n, g0, g1);
-    io::load(u + c, n, u0, u1);
-    const fVec a0 = act<A>(g0), a1 = act<A>(g1);
-    io::store(o + c, n, a0 * u0, a1 * u1);
+}
+
+// Column of lane j of a step: cols[j] for gathered steps, else c + j.
+inline int64_t lane_col(const int64_t* cols, int64_t c, int64_t j) { return cols ? cols[j] : c + j; }
+
+// Re-evaluates with ATen's scalar function the lanes (of n) whose columns ATen gives it.
+// `scalar(j, x, y)` computes lane j from the lanes of (x, y).
+template <typename F>
+inline void patch_lanes(fVec& r0, fVec& r1, const fVec& x0, const fVec& x1, const fVec& y0, const fVec& y1,
+                        const RowTails& tails, const int64_t* cols, int64_t c, int64_t n, const F& scalar) {
+  if (tails.r.empty() || (cols == nullptr && !tails.overlaps(c, c + n))) return;
+  constexpr int64_t S = fVec::size();
+  alignas(64) float xs[kW], ys[kW], rs[kW];
+  x0.store(xs), x1.store(xs + S), y0.store(ys), y1.store(ys + S), r0.store(rs), r1.store(rs + S);
+  for (int64_t j = 0; j < n; ++j)
+    if (tails.has(lane_col(cols, c, j))) rs[j] = scalar(xs[j], ys[j]);
+  r0 = fVec::loadu(rs);
+  r1 = fVec::loadu(rs + S);
+}
+
+// a = act(g) rounded to T, each lane by the function ATen uses for it (ft: the forward's tails).
+template <Act A, typename T>
+inline void act_values(const fVec& g0, const fVec& g1, fVec& a0, fVec& a1, const RowTails& ft,
+                       const int64_t* cols, int64_t c, int64_t n) {
+  a0 = act<A>(g0);
+  a1 = act<A>(g1);
+  patch_lanes(a0, a1, g0, g1, g0, g1, ft, cols, c, n, [](float x, float) { return act_scalar<A>(x); });
+  round_to<T>(a0, a1);
+}
+
+// One row of the forward over columns [c0, c1): o = round(a * u) with a = round(act(g)). With
+// cnt != nullptr the a values are also added to one language's counters cnt / sum (from c0).
+template <Act A, typename T>
+inline void act_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t c0,
+                    int64_t c1, float* __restrict cnt, double* __restrict sum, const RowTails& ft) {
+  using io = IO<T>;
+  fVec g0, g1, u0, u1, a0, a1;
+  for (int64_t c = c0; c < c1; c += kW) {
+    const int64_t n = std::min(kW, c1 - c);
+    if (n == kW) {
+      io::load(g + c, g0, g1);
+      io::load(u + c, u0, u1);
+    } else {  // missing lanes hold act(0) == 0: adding them to the counters is harmless
+      io::load(g + c, n, g0, g1);
+      io::load(u + c, n, u0, u1);
+    }
+    act_values<A, T>(g0, g1, a0, a1, ft, nullptr, c, n);
+    if (n == kW) {
+      io::store(o + c, a0 * u0, a1 * u1);
+    } else {
+      io::store(o + c, n, a0 * u0, a1 * u1);
+    }
     if (cnt != nullptr) add_act(a0, a1, cnt + (c - c0), sum + (c - c0));
   }
 }
 
-inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, const Tensor& up,
+// The tails of both ATen ops a backward step follows: act (forward) and its backward.
+struct StepTails {
+  const RowTails& fwd;
+  const RowTails& bwd;
+};
+
+// kW (or n) lanes of the backward (autograd of round(act(g)) * u): ga = round(go * u),
+// dg = act_backward(ga, g), du = go * a, and optionally h = a * u (the forward value); each
+// stored rounded to T.
+template <Act A, typename T>
+inline void act_grad_step(const fVec (&g)[2], const fVec (&u)[2], const fVec (&go)[2], T* dg,
+                          T* du, T* h, int64_t n, const StepTails& tails, const int64_t* cols, int64_t c) {
+  using io = IO<T>;
+  fVec a[2], ga[2], d[2];
+  act_values<A, T>(g[0], g[1], a[0], a[1], tails.fwd, cols, c, n);
+  ga[0] = go[0] * u[0];
+  ga[1] = go[1] * u[1];
+  round_to<T>(ga[0], ga[1]);
+  d[0] = act_backward<A>(ga[0], g[0]);
+  d[1] = act_backward<A>(ga[1], g[1]);
+  patch_lanes(d[0], d[1], ga[0], ga[1], g[0], g[1], tails.bwd, cols, c, n,
+              [](float dy, float x) { return act_backward_scalar<A>(dy, x); });
+  if (n == kW) {
+    io::store(dg, d[0], d[1]);
+    io::store(du, go[0] * a[0], go[1] * a[1]);
+    if (h != nullptr) io::store(h, a[0] * u[0], a[1] * u[1]);
+  } else {
+    io::store(dg, n, d[0], d[1]);
+    io::store(du, n, go[0] * a[0], go[1] * a[1]);
+    if (h != nullptr) io::store(h, n, a[0] * u[0], a[1] * u[1]);
+  }
+}
+
+// One row of the backward over columns [c0, c1).
+template <Act A, typename T>
+inline void act_grad_row(const T* __restrict g, const T* __restrict u, const T* __restrict go,
+                         T* __restrict dg, T* __restrict du, int64_t c0, int64_t c1, const StepTails& tails) {
+  using io = IO<T>;
+  fVec gv[2], uv[2], ov[2];
+  for (int64_t c = c0; c < c1; c += kW) {
+    const int64_t n = std::min(kW, c1 - c);
+    if (n == kW) {
+      io::load(g + c, gv[0], gv[1]);
+      io::load(u + c, uv[0], uv[1]);
+      io::load(go + c, ov[0], ov[1]);
+    } else {
+      io::load(g + c, n, gv[0], gv[1]);
+      io::load(u + c, n, uv[0], uv[1]);
+      io::load(go + c, n, ov[0], ov[1]);
+    }
+    act_grad_step<A>(gv, uv, ov, dg + c, du + c, static_cast<T*>(nullptr), n, tails, nullptr, c);
+  }
+}
+
+// The selected columns sp[p0..p1) of one row, in [c0, c1): positions p0, p1 in sel.
+inline std::pair<int64_t, int64_t> selected_in(const int64_t* sp, int64_t k, int64_t c0, int64_t c1) {
+  const int64_t p0 = std::lower_bound(sp, sp + k, c0) - sp;
+  const int64_t p1 = std::lower_bound(sp + p0, sp + k, c1) - sp;
+  return {p0, p1};
+}
+
+// Whether TensorIterator sees gate's rows as one contiguous run.
+inline bool flat_rows(const Tensor& gate) { return gate.size(0) <= 1 || gate.stride(0) == gate.size(1); }
+
+// The forward's activation input: gate itself, or for exact gelu the act values ATen computes
+// (F.gelu takes oneDNN for contiguous fp32/bf16; act_row then reads them, Act::pre).
+inline std::pair<Tensor, Act> prepare_act(const Tensor& gate, Act a) {
+  if (a == Act::gelu) return {at::gelu(gate), Act::pre};
+  return {gate, a};
+}
+
+// ATen's tails of F.act(gate) (the forward) and of its backward, for T_ elements.
+template <Act A, typename T_>
+inline AtenTails fwd_tails(const Tensor& gate) {
+  const int64_t n = gate.numel();
+  return AtenTails(gate.size(0), gate.size(1), flat_rows(gate), aten_step<T_>(), act_grain<A>(n));
+}
+
+template <typename T_>
+inline AtenTails bwd_tails(const Tensor& gate) {
+  return AtenTails(gate.size(0), gate.size(1), flat_rows(gate), aten_step<T_>(), kAtenGrain);
+}
+
+// Row t of the [T, I] inputs (read through their row stride), and where ATen evaluates F.act
+// (fwd) and its backward (bwd) with the scalar function.
+template <Act A, typename T>
+struct Rows {
+  const T* gate;
+  const T* up;
+  int64_t sg, su;
+  AtenTails fwd, bwd;
+  const T* g(int64_t t) const { return gate + t * sg; }
+  const T* u(int64_t t) const { return up + t * su; }
+  Rows(const Tensor& gate_, const Tensor& up_)
+      : gate(gate_.const_data_ptr<T>()), up(up_.const_data_ptr<T>()), sg(row_stride(gate_)),
+        su(row_stride(up_)), fwd(fwd_tails<A, T>(gate_)), bwd(bwd_tails<T>(gate_)) {}
+};
+
+// Exact gelu's backward, as autograd of F.gelu(gate) * up computes it (ATen throughout):
+// (grad_gate, grad_up, a) for the full gradient dh.
+inline std::tuple<Tensor, Tensor, Tensor> gelu_backward(const Tensor& dh, const Tensor& gate, const Tensor& up) {
+  Tensor a = at::gelu(gate);
+  Tensor grad_gate = at::gelu_backward(at::mul(dh, up), gate);
+  return {grad_gate, at::mul(dh, a), a};
+}
+
+// ---------------------------------------------------------------------------------- act_mul --
+
+inline Tensor act_mul(const Tensor& gate_in, const Tensor& up, const std::string& activation) {
+  const auto [gate, a] = prepare_act(gate_in, check_args(gate_in, up, nullptr, activation));
+  const int64_t T = gate.size(0), I = gate.size(1);
+  Tensor out = at::empty({T, I}, gate.options());
+  dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
+    using T_ = typename decltype(tt)::type;
+    constexpr Act A = decltype(at_)::value;
+    const Rows<A, T_> in(gate, up);
+    T_* op = out.mutable_data_ptr<T_>();
+    for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
+      thread_local RowTails ft;
+      ft.fill(in.fwd, t, c0, c1);
+      act_row<A>(in.g(t), in.u(t), op + t * I, c0, c1, nullptr, nullptr, ft);
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------- act_mul_count --
+// Work is split into tiles of rows x columns (full rows unless I is large); each task owns a
+// tile and its own per-language accumulators, so no atomics are needed, and the results of
+// row tiles are added in a fixed order at the end. Rows are walked in memory order. Per
+// language the accumulators are fp32 counts (exact: a tile has < 2^24 rows) and fp64 sums
+// (every act value is added in fp64, as the reference does).
+
+constexpr int64_t kCountCols = 128 * kW;   // max columns per tile (a multiple of kW)
+constexpr int64_t kMaxTileRows = 1 << 24;  // fp32 counters stay exact
+
+inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate_in, const Tensor& up,
                                                         const std::string& activation,
                                                         const std::optional<Tensor>& token_lang,
                                                         int64_t num_langs) {
-  check_pair(gate, up, "gate", "up");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
-  TORCH_CHECK_VALUE(num_langs >= 1, "num_langs must be >= 1, got ", num_langs);
-  const int64_t T = gate.size(0), I = gate.size(1), L = num_langs;
-  Tensor tl;
-  if (token_lang.has_value()) {
-    const Tensor& t = *token_lang;
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == T && t.scalar_type() == at::kLong,
-                      "token_lang must be int64 of shape [", T, "], got ", t.scalar_type(),
-                      " of shape ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == gate.device(), "token_lang must be on ", gate.device(),
-                      ", got ", t.device());
-    tl = t.contiguous();
-  }
+  const Act act_in = check_args(gate_in, up, nullptr, activation);
+  const int64_t T = gate_in.size(0), I = gate_in.size(1), L = num_langs;
+  checks::check_count_args(T, gate_in.device(), token_lang, num_langs);
+  const auto [gate, a] = prepare_act(gate_in, act_in);
+  const Tensor tl = token_lang.has_value() ? token_lang->contiguous() : Tensor();
 
   Tensor out = at::empty({T, I}, gate.options());
   Tensor over_zero = at::zeros({L, I}, gate.options().dtype(at::kLong));
@@ -531,30 +680,25 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
   dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
     using T_ = typename decltype(tt)::type;
     constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
+    const Rows<A, T_> in(gate, up);
     T_* op = out.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up);
     at::parallel_for(0, nrb * ncb, 1, [&](int64_t b, int64_t e) {
+      RowTails ft;
       for (int64_t task = b; task < e; ++task) {
         CountAcc& acc = accs[task];
         const int64_t rb = task / ncb, cb = task % ncb;
         const int64_t r0 = rb * rows_per, r1 = std::min(T, r0 + rows_per);
         const int64_t c0 = cb * cols_per, c1 = std::min(I, c0 + cols_per);
-        const int64_t w = c1 - c0;
-        acc.init(L, (w + kW - 1) / kW * kW);
+        acc.init(L, (c1 - c0 + kW - 1) / kW * kW);
         for (int64_t t = r0; t < r1; ++t) {
           const int64_t lang = tlp ? tlp[t] : 0;
-          const T_* g = gp + t * sg;
-          const T_* u = upp + t * su;
-          T_* o = op + t * I;
+          ft.fill(in.fwd, t, c0, c1);
           if (lang >= 0 && lang < L) {
             const int64_t k = acc.touch(lang);
-            count_row<A>(g, u, o, c0, c1, acc.cnt.data() + k * acc.wp,
-                         acc.sum.data() + k * acc.wp);
+            act_row<A>(in.g(t), in.u(t), op + t * I, c0, c1, acc.cnt.data() + k * acc.wp,
+                       acc.sum.data() + k * acc.wp, ft);
           } else {  // padding (-1) etc.: output only
-            count_row<A>(g, u, o, c0, c1, nullptr, nullptr);
+            act_row<A>(in.g(t), in.u(t), op + t * I, c0, c1, nullptr, nullptr, ft);
           }
         }
       }
@@ -586,106 +730,47 @@ inline std::tuple<Tensor, Tensor, Tensor> act_mul_count(const Tensor& gate, cons
 }
 
 // ------------------------------------------------------------------------- act_mul_backward --
+// act_mul_backward is the split backward with nothing selected (below).
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_out_in, const Tensor& grad_out_sel, const Tensor& gate, const Tensor& up, Act a,
+    const Tensor& sel);
 
 inline std::tuple<Tensor, Tensor> act_mul_backward(const Tensor& grad_out_in, const Tensor& gate,
                                                    const Tensor& up,
                                                    const std::string& activation) {
-  check_pair(gate, up, "gate", "up");
-  check_pair(grad_out_in, gate, "grad_out", "gate");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
-  const Tensor grad_out = rows_view(grad_out_in);
-  const int64_t T = gate.size(0), I = gate.size(1);
-  Tensor grad_gate = at::empty({T, I}, gate.options());
-  Tensor grad_up = at::empty({T, I}, gate.options());
-  dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
-    using T_ = typename decltype(tt)::type;
-    constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
-    const T_* gop = grad_out.const_data_ptr<T_>();
-    T_* ggp = grad_gate.mutable_data_ptr<T_>();
-    T_* gup = grad_up.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up), so = row_stride(grad_out);
-    for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
-      const T_* go = gop + t * so;
-      T_* dg = ggp + t * I;
-      T_* du = gup + t * I;
-      fVec g0, g1, u0, u1, o0, o1, a0, a1, d0, d1;
-      for (int64_t c = c0; c < c1; c += kW) {
-        const int64_t n = std::min(kW, c1 - c);
-        if (n == kW) {
-          io::load(g + c, g0, g1);
-          io::load(u + c, u0, u1);
-          io::load(go + c, o0, o1);
-        } else {
-          io::load(g + c, n, g0, g1);
-          io::load(u + c, n, u0, u1);
-          io::load(go + c, n, o0, o1);
-        }
-        act_and_grad<A>(g0, a0, d0);
-        act_and_grad<A>(g1, a1, d1);
-        if (n == kW) {
-          io::store(dg + c, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, o0 * a0, o1 * a1);
-        } else {
-          io::store(dg + c, n, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, n, o0 * a0, o1 * a1);
-        }
-      }
-    });
-  });
+  const Act a = check_args(gate, up, &grad_out_in, activation);
+  const Tensor none = at::empty({0}, gate.options().dtype(at::kLong));
+  auto [grad_gate, grad_up, gs, us, os] =
+      backward_impl(grad_out_in, at::empty({gate.size(0), 0}, gate.options()), gate, up, a, none);
   return {grad_gate, grad_up};
 }
 
 // ---------------------------------------------------------------------------- act_mul_split --
 
-inline std::tuple<Tensor, Tensor> act_mul_split(const Tensor& gate, const Tensor& up,
-                                                const std::string& activation,
-                                                const Tensor& sel_in) {
-  check_pair(gate, up, "gate", "up");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
-  const int64_t T = gate.size(0), I = gate.size(1);
-  const Tensor sel = check_sel(sel_in, I);
-  const int64_t k = sel.numel();
+inline std::tuple<Tensor, Tensor> act_mul_split(const Tensor& gate_in, const Tensor& up,
+                                                const std::string& activation, const Tensor& sel_in,
+                                                const std::optional<Tensor>& slots) {
+  const Act act_in = check_args(gate_in, up, nullptr, activation);
+  const Tensor sel = check_sel(sel_in, slots, gate_in);
+  const auto [gate, a] = prepare_act(gate_in, act_in);
+  const int64_t T = gate.size(0), I = gate.size(1), k = sel.numel();
   Tensor out = at::empty({T, I}, gate.options());
   Tensor out_sel = at::empty({T, k}, gate.options());
   const int64_t* sp = sel.const_data_ptr<int64_t>();
   dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
     using T_ = typename decltype(tt)::type;
     constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
+    const Rows<A, T_> in(gate, up);
     T_* op = out.mutable_data_ptr<T_>();
     T_* osp = out_sel.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up);
     for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
+      thread_local RowTails ft;
+      ft.fill(in.fwd, t, c0, c1);
       T_* o = op + t * I;
-      fVec g0, g1, u0, u1;
-      for (int64_t c = c0; c < c1; c += kW) {
-        const int64_t n = std::min(kW, c1 - c);
-        if (n == kW) {
-          io::load(g + c, g0, g1);
-          io::load(u + c, u0, u1);
-          io::store(o + c, act<A>(g0) * u0, act<A>(g1) * u1);
-        } else {
-          io::load(g + c, n, g0, g1);
-          io::load(u + c, n, u0, u1);
-          io::store(o + c, n, act<A>(g0) * u0, act<A>(g1) * u1);
-        }
-      }
-      // Move the selected columns of this segment (already rounded once) to out_sel.
-      const int64_t p0 = std::lower_bound(sp, sp + k, c0) - sp;
-      const int64_t p1 = std::lower_bound(sp + p0, sp + k, c1) - sp;
+      act_row<A>(in.g(t), in.u(t), o, c0, c1, nullptr, nullptr, ft);
+      // Move the selected columns of this segment (already rounded) to out_sel.
+      const auto [p0, p1] = selected_in(sp, k, c0, c1);
       T_* os = osp + t * k;
       for (int64_t p = p0; p < p1; ++p) {
         os[p] = o[sp[p]];
@@ -700,26 +785,29 @@ inline std::tuple<Tensor, Tensor> act_mul_split(const Tensor& gate, const Tensor
 
 inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split(
     const Tensor& grad_out_in, const Tensor& grad_out_sel_in, const Tensor& gate,
-    const Tensor& up, const std::string& activation, const Tensor& sel_in) {
-  check_pair(gate, up, "gate", "up");
-  check_pair(grad_out_in, gate, "grad_out", "gate");
-  check_rows(gate, "gate");
-  check_rows(up, "up");
-  const Act a = parse_activation(activation);
-  const int64_t T = gate.size(0), I = gate.size(1);
-  const Tensor sel = check_sel(sel_in, I);
-  const int64_t k = sel.numel();
-  TORCH_CHECK_VALUE(grad_out_sel_in.dim() == 2 && grad_out_sel_in.size(0) == T &&
-                        grad_out_sel_in.size(1) == k,
-                    "grad_out_sel must have shape [", T, ", ", k, "], got ",
-                    grad_out_sel_in.sizes());
-  TORCH_CHECK_VALUE(grad_out_sel_in.scalar_type() == gate.scalar_type(),
-                    "grad_out_sel must have the dtype of gate (", gate.scalar_type(), "), got ",
-                    grad_out_sel_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_out_sel_in.device() == gate.device(), "grad_out_sel must be on ",
-                    gate.device(), ", got ", grad_out_sel_in.device());
+    const Tensor& up, const std::string& activation, const Tensor& sel_in,
+    const std::optional<Tensor>& slots) {
+  const Act a = check_args(gate, up, &grad_out_in, activation);
+  const Tensor sel = check_sel(sel_in, slots, gate);
+  checks::check_grad_out_sel(grad_out_sel_in, gate.size(0), sel.numel(), gate);
+  return backward_impl(grad_out_in, grad_out_sel_in, gate, up, a, sel);
+}
+
+// The checked backward: full gradients with the columns sel zeroed, and the selected ones.
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_out_in, const Tensor& grad_out_sel_in, const Tensor& gate, const Tensor& up, Act a,
+    const Tensor& sel) {
+  const int64_t T = gate.size(0), I = gate.size(1), k = sel.numel();
   const Tensor grad_out = rows_view(grad_out_in);
   const Tensor grad_out_sel = grad_out_sel_in.contiguous();
+  if (a == Act::gelu) {  // ATen throughout (oneDNN's gelu), split by sel
+    const Tensor dh = k == 0 ? grad_out.contiguous() : grad_out.contiguous().index_copy(1, sel, grad_out_sel);
+    auto [gg, gu, act_values_] = gelu_backward(dh, gate, up);
+    const auto none = [&] { return at::empty({T, 0}, gate.options()); };
+    if (k == 0) return {gg, gu, none(), none(), none()};
+    return {gg.index_fill(1, sel, 0), gu.index_fill(1, sel, 0), gg.index_select(1, sel),
+            gu.index_select(1, sel), at::mul(act_values_.index_select(1, sel), up.index_select(1, sel))};
+  }
   auto opts = gate.options();
   Tensor grad_gate = at::empty({T, I}, opts), grad_up = at::empty({T, I}, opts);
   Tensor grad_gate_sel = at::empty({T, k}, opts), grad_up_sel = at::empty({T, k}, opts);
@@ -728,146 +816,70 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> act_mul_backward_split
   dispatch(gate.scalar_type(), a, [&](auto tt, auto at_) {
     using T_ = typename decltype(tt)::type;
     constexpr Act A = decltype(at_)::value;
-    using io = IO<T_>;
-    const T_* gp = gate.const_data_ptr<T_>();
-    const T_* upp = up.const_data_ptr<T_>();
-    const T_* gop = grad_out.const_data_ptr<T_>();
-    const T_* gosp = grad_out_sel.const_data_ptr<T_>();
-    T_* ggp = grad_gate.mutable_data_ptr<T_>();
-    T_* gup = grad_up.mutable_data_ptr<T_>();
-    T_* ggsp = grad_gate_sel.mutable_data_ptr<T_>();
-    T_* gusp = grad_up_sel.mutable_data_ptr<T_>();
-    T_* osp = out_sel.mutable_data_ptr<T_>();
-    const int64_t sg = row_stride(gate), su = row_stride(up), so = row_stride(grad_out);
-    for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
-      const T_* g = gp + t * sg;
-      const T_* u = upp + t * su;
-      const T_* go = gop + t * so;
-      T_* dg = ggp + t * I;
-      T_* du = gup + t * I;
-      fVec g0, g1, u0, u1, o0, o1, a0, a1, d0, d1;
-      for (int64_t c = c0; c < c1; c += kW) {
-        const int64_t n = std::min(kW, c1 - c);
-        if (n == kW) {
-          io::load(g + c, g0, g1);
-          io::load(u + c, u0, u1);
-          io::load(go + c, o0, o1);
-        } else {
-          io::load(g + c, n, g0, g1);
-          io::load(u + c, n, u0, u1);
-          io::load(go + c, n, o0, o1);
+    if constexpr (A != Act::pre) {
+      using io = IO<T_>;
+      const Rows<A, T_> in(gate, up);
+      const T_* gop = grad_out.const_data_ptr<T_>();
+      const T_* gosp = grad_out_sel.const_data_ptr<T_>();
+      const int64_t so = row_stride(grad_out);
+      T_* ggp = grad_gate.mutable_data_ptr<T_>();
+      T_* gup = grad_up.mutable_data_ptr<T_>();
+      T_* ggsp = grad_gate_sel.mutable_data_ptr<T_>();
+      T_* gusp = grad_up_sel.mutable_data_ptr<T_>();
+      T_* osp = out_sel.mutable_data_ptr<T_>();
+      for_each_segment(T, I, [&](int64_t t, int64_t c0, int64_t c1) {
+        thread_local RowTails ft, bt;
+        ft.fill(in.fwd, t, c0, c1);
+        bt.fill(in.bwd, t, c0, c1);
+        const StepTails tails{ft, bt};
+        const T_* g = in.g(t);
+        const T_* u = in.u(t);
+        T_* dg = ggp + t * I;
+        T_* du = gup + t * I;
+        act_grad_row<A>(g, u, gop + t * so, dg, du, c0, c1, tails);
+        // Selected columns: zero them in the full gradients, and compute their values from
+        // grad_out_sel (gathered kW at a time so the same vector math applies).
+        const auto [p0, p1] = selected_in(sp, k, c0, c1);
+        const T_* gos = gosp + t * k;
+        fVec gv[2], uv[2], ov[2];
+        for (int64_t p = p0; p < p1; p += kW) {
+          const int64_t n = std::min(kW, p1 - p);
+          for (int64_t j = 0; j < n; ++j) {
+            dg[sp[p + j]] = T_(0);
+            du[sp[p + j]] = T_(0);
+          }
+          gather(g, sp + p, n, gv[0], gv[1]);
+          gather(u, sp + p, n, uv[0], uv[1]);
+          io::load(gos + p, n, ov[0], ov[1]);
+          act_grad_step<A>(gv, uv, ov, ggsp + t * k + p, gusp + t * k + p, osp + t * k + p, n, tails, sp + p, 0);
         }
-        act_and_grad<A>(g0, a0, d0);
-        act_and_grad<A>(g1, a1, d1);
-        if (n == kW) {
-          io::store(dg + c, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, o0 * a0, o1 * a1);
-        } else {
-          io::store(dg + c, n, o0 * u0 * d0, o1 * u1 * d1);
-          io::store(du + c, n, o0 * a0, o1 * a1);
-        }
-      }
-      // Selected columns: zero them in the full gradients, and compute their values from
-      // grad_out_sel (gathered kW at a time so the same vector math applies).
-      const int64_t p0 = std::lower_bound(sp, sp + k, c0) - sp;
-      const int64_t p1 = std::lower_bound(sp + p0, sp + k, c1) - sp;
-      const T_* gos = gosp + t * k;
-      T_* dgs = ggsp + t * k;
-      T_* dus = gusp + t * k;
-      T_* os = osp + t * k;
-      for (int64_t p = p0; p < p1; p += kW) {
-        const int64_t n = std::min(kW, p1 - p);
-        for (int64_t j = 0; j < n; ++j) {
-          dg[sp[p + j]] = T_(0);
-          du[sp[p + j]] = T_(0);
-        }
-        gather(g, sp + p, n, g0, g1);
-        gather(u, sp + p, n, u0, u1);
-        io::load(gos + p, n, o0, o1);
-        act_and_grad<A>(g0, a0, d0);
-        act_and_grad<A>(g1, a1, d1);
-        io::store(dgs + p, n, o0 * u0 * d0, o1 * u1 * d1);
-        io::store(dus + p, n, o0 * a0, o1 * a1);
-        io::store(os + p, n, a0 * u0, a1 * u1);
-      }
-    });
+      });
+    }
   });
   return {grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel};
 }
 
 // -------------------------------------------------------------------- gate_up_act_mul_count --
-// The CPU composite of the fused GEMM + count op: gate = x w_gate^T and up = x w_up^T as fp32
-// GEMMs of the upcast inputs (at::mm, the same call lape_kernels/reference.py makes, so gate/up
-// and hence the counts are the reference's bit for bit), then act_mul_count above on those fp32
-// projections; its fp32 product is rounded once to x's dtype. The GEMMs are at::mm's (MKL /
-// oneDNN, multithreaded); the projections are materialised in fp32, unlike the Triton kernel.
-
-inline void check_gemm_operand(const Tensor& t, const char* name, const char* dims) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D ", dims, ", got shape ", t.sizes());
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-                    " must be float32, bfloat16 or float16, got ", dt);
-}
-
-// x [T, H], w_gate/w_up [I, H]: float, one dtype, CPU, contiguous last dimension.
-inline void check_gemm_inputs(const Tensor& x, const Tensor& w_gate, const Tensor& w_up) {
-  check_gemm_operand(x, "x", "[tokens, hidden]");
-  check_gemm_operand(w_gate, "w_gate", "[intermediate, hidden]");
-  check_gemm_operand(w_up, "w_up", "[intermediate, hidden]");
-  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "w_gate and w_up must have the same shape, got ",
-                    w_gate.sizes(), " and ", w_up.sizes());
-  TORCH_CHECK_VALUE(x.size(1) == w_gate.size(1),
-                    "x and w_gate must have the same hidden size (dim 1), got ", x.sizes(), " and ",
-                    w_gate.sizes());
-  TORCH_CHECK_VALUE(x.scalar_type() == w_gate.scalar_type() && x.scalar_type() == w_up.scalar_type(),
-                    "x, w_gate and w_up must have the same dtype, got ", x.scalar_type(), ", ",
-                    w_gate.scalar_type(), " and ", w_up.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == w_gate.device() && x.device() == w_up.device(),
-                    "x, w_gate and w_up must be on the same device, got ", x.device(), ", ",
-                    w_gate.device(), " and ", w_up.device());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ",
-                    x.device());
-  check_rows(x, "x");
-  check_rows(w_gate, "w_gate");
-  check_rows(w_up, "w_up");
-}
+// The CPU composite of the fused GEMM + count op: gate = x w_gate^T and up = x w_up^T by at::mm
+// in x's dtype (the very GEMM nn.Linear runs, rounded to the dtype where the module rounds), then
+// act_mul_count above. The Triton kernel fuses the count into its GEMM epilogue instead.
 
 inline std::tuple<Tensor, Tensor, Tensor> gate_up_act_mul_count(
     const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const std::string& activation,
     const std::optional<Tensor>& token_lang, int64_t num_langs) {
-  check_gemm_inputs(x, w_gate, w_up);
-  parse_activation(activation);
-  // act_mul_count checks these again; checking first avoids two GEMMs on a bad call.
-  TORCH_CHECK_VALUE(num_langs >= 1, "num_langs must be >= 1, got ", num_langs);
-  const int64_t T = x.size(0);
-  if (token_lang.has_value()) {
-    const Tensor& t = *token_lang;
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == T && t.scalar_type() == at::kLong,
-                      "token_lang must be int64 of shape [", T, "], got ", t.scalar_type(),
-                      " of shape ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == x.device(), "token_lang must be on ", x.device(), ", got ",
-                      t.device());
-  }
-  const Tensor xf = x.to(at::kFloat);
-  const Tensor gate = at::mm(xf, w_gate.to(at::kFloat).t());
-  const Tensor up = at::mm(xf, w_up.to(at::kFloat).t());
-  auto [out, over_zero, act_sum] = act_mul_count(gate, up, activation, token_lang, num_langs);
-  return {out.to(x.scalar_type()), over_zero, act_sum};
+  // act_mul_count checks its own arguments again; checking first avoids two GEMMs on a bad call.
+  checks::check_gate_up_count(x, w_gate, w_up, activation, token_lang, num_langs,
+                              c10::DeviceType::CPU, "CPU");
+  return act_mul_count(at::mm(x, w_gate.t()), at::mm(x, w_up.t()), activation, token_lang, num_langs);
 }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace lape_kernels::cpu
 
+
 // One registration per module (each kernels_<isa>.cpp includes this header exactly once).
-#define LAPE_KERNELS_REGISTER_CPU()                                                           \
-  TORCH_LIBRARY_IMPL(lape_kernels, CPU, m) {                                                \
-    m.impl("act_mul", &lape_kernels::cpu::act_mul);                                         \
-    m.impl("act_mul_count", &lape_kernels::cpu::act_mul_count);                             \
-    m.impl("act_mul_backward", &lape_kernels::cpu::act_mul_backward);                       \
-    m.impl("act_mul_split", &lape_kernels::cpu::act_mul_split);                             \
-    m.impl("act_mul_backward_split", &lape_kernels::cpu::act_mul_backward_split);           \
-    m.impl("gate_up_act_mul_count", &lape_kernels::cpu::gate_up_act_mul_count);             \
-  }
+#define LAPE_KERNELS_REGISTER_CPU() \
+  TORCH_LIBRARY_IMPL(lape_kernels, CPU, m) { LAPE_KERNELS_IMPL_OPS(m, lape_kernels::cpu); }
 
 // The (empty) Python module a kernels_<isa>.cpp file becomes; importing it runs the
 // registration above.

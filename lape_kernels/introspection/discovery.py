@@ -345,11 +345,18 @@ def _prove(cand: _Candidate, where: str) -> Tuple[MLPFamily, str, Optional[nn.Mo
             raise _refuse(f"{where}: {cand.name} is on the meta device and its reading is ambiguous without running "
                           "it (materialise the weights, or register its family)")
         return _with_act(family, acts[0][2]), acts[0][0], acts[0][1] if isinstance(acts[0][1], nn.Module) else None
+    # the probe compares the module with our reading in the weights' own dtype, whatever autocast
+    # the caller runs under (patch inside an autocast block)
+    with torch.autocast(w.device.type, enabled=False):
+        return _prove_by_probe(module, cand, acts, w, where)
+
+
+def _prove_by_probe(module: nn.Module, cand: _Candidate, acts, w: torch.Tensor,
+                    where: str) -> Tuple[MLPFamily, str, Optional[nn.Module]]:
     x = _probe_input(w.shape[1], w.dtype, w.device)
     x2 = x.reshape(-1, x.shape[-1])
     try:
-        with torch.autocast(w.device.type, enabled=False):
-            want = type(module).forward(module, x)
+        want = type(module).forward(module, x)
     except Exception as exc:  # noqa: BLE001 - any failure means: not an MLP(x) -> y module
         raise _refuse(f"{where}: calling {type(module).__name__}.forward(hidden_states) failed "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): not a plain MLP") from None

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference as _ref
+from . import checks
 
 try:
     from .. import _C  # noqa: F401 - defines the op schemas and loads the CPU kernels
@@ -37,6 +37,7 @@ __all__ = [
     "act_mul_split",
     "act_mul_backward_split",
     "gate_up_act_mul_count",
+    "sel_slots",
     "use_cuda_backend",
     "current_cuda_backend",
     "cpu_kernels",
@@ -79,16 +80,33 @@ def act_mul_backward(grad_out: Tensor, gate: Tensor, up: Tensor, activation: str
     return _ops.act_mul_backward(grad_out, gate, up, activation)
 
 
-def act_mul_split(gate: Tensor, up: Tensor, activation: str, sel: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(h with columns sel zeroed, h[:, sel])`` for ``h = act(gate) * up`` (differentiable)."""
-    return _ops.act_mul_split(gate, up, activation, sel)
+def act_mul_split(gate: Tensor, up: Tensor, activation: str, sel: Tensor,
+                  slots: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(h with columns sel zeroed, h[:, sel])`` for ``h = act(gate) * up`` (differentiable).
+
+    ``slots = sel_slots(sel, I)``, computed once per neuron set, spares the GPU kernels checking
+    sel (a device-to-host sync) and rebuilding the slot map on every call."""
+    return _ops.act_mul_split(gate, up, activation, sel, slots)
 
 
 def act_mul_backward_split(
-    grad_out: Tensor, grad_out_sel: Tensor, gate: Tensor, up: Tensor, activation: str, sel: Tensor
+    grad_out: Tensor, grad_out_sel: Tensor, gate: Tensor, up: Tensor, activation: str, sel: Tensor,
+    slots: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_gate, grad_up, grad_gate_sel, grad_up_sel, out_sel)``; see docs/ARCHITECTURE.md."""
-    return _ops.act_mul_backward_split(grad_out, grad_out_sel, gate, up, activation, sel)
+    return _ops.act_mul_backward_split(grad_out, grad_out_sel, gate, up, activation, sel, slots)
+
+
+def sel_slots(sel: Tensor, intermediate: int) -> Tensor:
+    """The slot map of a selection, for act_mul_split / act_mul_backward_split: int32 [I] on
+    sel's device, ``slots[sel[j]] = j`` and -1 elsewhere. Checks sel (1-D int64, sorted, unique,
+    in [0, I)) once: the split ops given it skip that check on GPUs. The kernels never write
+    outside their outputs whatever the map holds, so a stale one gives wrong values, never a
+    memory error."""
+    checks.check_sel(sel, sel.device)
+    checks.check_sel_values(sel, intermediate)
+    slots = torch.full((intermediate,), -1, dtype=torch.int32, device=sel.device)
+    return slots.scatter_(0, sel, torch.arange(sel.shape[0], dtype=torch.int32, device=sel.device))
 
 
 def gate_up_act_mul_count(
@@ -104,41 +122,20 @@ def gate_up_act_mul_count(
 
 
 # ------------------------------------------------------------------------------------ fakes --
-# Same argument checks as the kernels (messages from reference.py), so errors surface while
-# tracing too; outputs are fresh contiguous tensors like the kernels'.
-
-
-def _check_rows(t: Tensor, name: str) -> None:
-    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride(1) == 1), got strides {t.stride()}")
-
-
-def _check_sel_meta(sel: Tensor, gate: Tensor) -> None:
-    # Values (range, order) are data: the kernels check them, a fake tensor has none.
-    if sel.dim() != 1 or sel.dtype != torch.int64:
-        raise ValueError(f"sel must be a 1-D int64 tensor, got {sel.dtype} of shape {tuple(sel.shape)}")
-    if sel.device != gate.device:
-        raise ValueError(f"sel must be on {gate.device}, got {sel.device}")
-
-
-def _check_common(gate: Tensor, up: Tensor, activation: str) -> None:
-    _ref.check_gate_up(gate, up)
-    _check_rows(gate, "gate")
-    _check_rows(up, "up")
-    _ref.check_activation(activation)
+# The kernels' argument checks (checks.py: same messages on every backend) minus those that read
+# tensor data, so errors surface while tracing too; outputs are fresh contiguous tensors.
 
 
 @torch.library.register_fake("lape_kernels::act_mul")
 def _act_mul_fake(gate, up, activation):
-    _check_common(gate, up, activation)
+    checks.act_mul_args(gate, up, activation)
     return gate.new_empty(gate.shape)
 
 
 @torch.library.register_fake("lape_kernels::act_mul_count")
 def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
-    _check_common(gate, up, activation)
-    T, I = gate.shape
-    _ref.check_count_args(T, gate.device, token_lang, num_langs)
+    checks.act_mul_count_args(gate, up, activation, token_lang, num_langs)
+    I = gate.shape[1]
     return (
         gate.new_empty(gate.shape),
         gate.new_empty((num_langs, I), dtype=torch.int64),
@@ -148,9 +145,7 @@ def _act_mul_count_fake(gate, up, activation, token_lang, num_langs):
 
 @torch.library.register_fake("lape_kernels::gate_up_act_mul_count")
 def _gate_up_act_mul_count_fake(x, w_gate, w_up, activation, token_lang, num_langs):
-    _ref.check_gate_up_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
-    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
-        _check_rows(t, name)
+    checks.gate_up_act_mul_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
     T, I = x.shape[0], w_gate.shape[0]
     return (
         x.new_empty((T, I)),
@@ -161,28 +156,20 @@ def _gate_up_act_mul_count_fake(x, w_gate, w_up, activation, token_lang, num_lan
 
 @torch.library.register_fake("lape_kernels::act_mul_backward")
 def _act_mul_backward_fake(grad_out, gate, up, activation):
-    _check_common(gate, up, activation)
-    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
+    checks.act_mul_backward_args(grad_out, gate, up, activation)
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
 @torch.library.register_fake("lape_kernels::act_mul_split")
-def _act_mul_split_fake(gate, up, activation, sel):
-    _check_common(gate, up, activation)
-    _check_sel_meta(sel, gate)
+def _act_mul_split_fake(gate, up, activation, sel, slots=None):
+    checks.act_mul_split_args(gate, up, activation, sel, slots, values=False)
     return gate.new_empty(gate.shape), gate.new_empty((gate.shape[0], sel.shape[0]))
 
 
 @torch.library.register_fake("lape_kernels::act_mul_backward_split")
-def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, sel):
-    _check_common(gate, up, activation)
-    _ref.check_gate_up(grad_out, gate, "grad_out", "gate")
-    _check_sel_meta(sel, gate)
+def _act_mul_backward_split_fake(grad_out, grad_out_sel, gate, up, activation, sel, slots=None):
+    checks.act_mul_backward_split_args(grad_out, grad_out_sel, gate, up, activation, sel, slots, values=False)
     T, k = gate.shape[0], sel.shape[0]
-    if grad_out_sel.dim() != 2 or grad_out_sel.shape[0] != T or grad_out_sel.shape[1] != k:
-        raise ValueError(f"grad_out_sel must have shape [{T}, {k}], got {tuple(grad_out_sel.shape)}")
-    if grad_out_sel.dtype != gate.dtype:
-        raise ValueError(f"grad_out_sel must have the dtype of gate ({gate.dtype}), got {grad_out_sel.dtype}")
     full = lambda: gate.new_empty(gate.shape)  # noqa: E731
     part = lambda: gate.new_empty((T, k))  # noqa: E731
     return full(), full(), part(), part(), part()
@@ -217,18 +204,18 @@ def _act_mul_count_bw(ctx, grad_out, _grad_over_zero, _grad_act_sum):
 
 
 def _act_mul_split_setup(ctx, inputs, output):
-    gate, up, activation, sel = inputs
-    ctx.save_for_backward(gate, up, sel)
+    gate, up, activation, sel, slots = inputs
+    ctx.save_for_backward(gate, up, sel, slots)
     ctx.activation = activation
 
 
 def _act_mul_split_bw(ctx, grad_out, grad_out_sel):
-    gate, up, sel = ctx.saved_tensors
+    gate, up, sel, slots = ctx.saved_tensors
     grad_gate, grad_up, grad_gate_sel, grad_up_sel, _ = _ops.act_mul_backward_split(
-        grad_out, grad_out_sel, gate, up, ctx.activation, sel
+        grad_out, grad_out_sel, gate, up, ctx.activation, sel, slots
     )
-    # Columns sel are zero in the full gradients; fill them with the selected part.
-    return grad_gate.index_copy(1, sel, grad_gate_sel), grad_up.index_copy(1, sel, grad_up_sel), None, None
+    # Columns sel are zero in the full gradients (fresh tensors): fill them with the selected part.
+    return grad_gate.index_copy_(1, sel, grad_gate_sel), grad_up.index_copy_(1, sel, grad_up_sel), None, None, None
 
 
 def _gate_up_count_setup(ctx, inputs, output):

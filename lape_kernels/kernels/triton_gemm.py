@@ -13,9 +13,9 @@ Design:
   by the same x tile over the K = H loop (``tl.dot``), so x is read once per tile for the two.
   Programs are ordered in groups of GROUP_T row tiles per column block so that the weight tiles
   a group reads stay in L2.
-- Epilogue, all in fp32: a = act(acc_gate), out = a * acc_up rounded once to x.dtype; gate and
-  up are the fp32 accumulators, never rounded to the input dtype (reference.py's
-  gate_up_act_mul_count defines the op that way). Counting: per language present in the
+- Epilogue, in fp32 at the rounding points of the module the op replaces (reference.py): the
+  accumulators rounded to x.dtype (nn.Linear's output dtype), a = act(gate) rounded, out =
+  a * up rounded; the rounding never needs memory. Counting: per language present in the
   tile's rows (ids outside [0, num_langs) are not counted; a tile usually holds one language),
   the column counts (int32, exact: at most BLOCK_T per tile) and float64 sums of the tile are
   reduced in registers and added with one atomic per column into over_zero / act_sum.
@@ -24,8 +24,8 @@ Design:
   are exact in fp32).
 - Under ``TRITON_INTERPRET=1`` (CPU tensors, the tests) bf16/fp16 tiles are upcast to fp32
   before the dot (the interpreter's 16-bit arithmetic is not IEEE), which gives the same
-  values: products of 16-bit floats are exact in fp32. The interpreter's bf16 *store*
-  truncates instead of rounding to nearest (within one bf16 ulp; the tests allow for it).
+  values: products of 16-bit floats are exact in fp32. Rounding and stores go through the
+  bits (triton_elementwise._round / _store), exact under the interpreter too.
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference as _ref
-# The activation (and its id mapping) of the other Triton kernels: the same act(g) bits.
-from .triton_elementwise import _ACT_ID, _act
+from . import checks
+# The activation (and its id mapping), the language ids of a tile and the device context of the
+# other Triton kernels: the same act(g) bits and the same counting rules.
+from .triton_elementwise import _ACT_ID, _DT_ID, _act, _device_ctx, _round, _store, _tile_langs
 
 __all__ = ["gate_up_act_mul_count"]
 
@@ -46,11 +47,12 @@ __all__ = ["gate_up_act_mul_count"]
 def _gemm_count_kernel(
     x_ptr, wg_ptr, wu_ptr, out_ptr, lang_ptr, oz_ptr, sum_ptr,
     T, I, H, num_langs, stride_x, stride_wg, stride_wu,
-    ACT: tl.constexpr, HAS_LANG: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    ACT: tl.constexpr, DT: tl.constexpr, PRECISE: tl.constexpr, HAS_LANG: tl.constexpr, UPCAST: tl.constexpr,
+    FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
 ):
-    """out[tile] = act(x w_gate^T) * (x w_up^T); counts/sums of the tile's rows per language."""
+    """out[tile] = act(x w_gate^T) * (x w_up^T) at the module's rounding points; counts/sums of
+    the tile's rows per language."""
     # Grouped program order: GROUP_T row tiles walk the column blocks together.
     pid = tl.program_id(0)
     n_t = tl.cdiv(T, BLOCK_T)
@@ -100,23 +102,15 @@ def _gemm_count_kernel(
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
 
-    # Epilogue: act and product in fp32, one rounding at the store.
-    a = _act(acc_g, ACT)
-    h = a * acc_u
+    # Epilogue, at the module's rounding points: gate and up rounded to the dtype (nn.Linear's
+    # output), a = act(gate) rounded, out = a * up rounded.
+    up = _round(acc_u, DT)
+    a = _round(_act(_round(acc_g, DT), ACT, PRECISE), DT)
     r64 = rows.to(tl.int64)
     m2 = rmask[:, None] & cmask[None, :]
-    tl.store(out_ptr + r64[:, None] * I + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=m2)
+    _store(out_ptr + r64[:, None] * I + cols[None, :], a * up, m2)
 
-    if HAS_LANG:
-        # Range check on the int64 ids (a huge id must not wrap into range), then int32.
-        lang64 = tl.load(lang_ptr + rows, mask=rmask, other=-1)
-        valid = (lang64 >= 0) & (lang64 < num_langs)
-        lang = tl.where(valid, lang64, -1).to(tl.int32)
-    else:
-        lang = tl.where(rmask, 0, -1)
-        valid = rmask
-    lmin = tl.min(tl.where(valid, lang, num_langs), axis=0)
-    lmax = tl.max(tl.where(valid, lang, -1), axis=0)
+    lang, valid, lmin, lmax = _tile_langs(lang_ptr, rows, rmask, num_langs, HAS_LANG)
     pos = a > 0.0
     # Each language present in the tile (usually one): reduce the tile's rows of that language
     # per column and add them once. No valid row: lmin = num_langs > lmax = -1, no iteration.
@@ -143,30 +137,10 @@ CONFIGS = {
 }
 
 
-def _check_rows(t: torch.Tensor, name: str) -> None:
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride(1) == 1), got strides {t.stride()}")
-
-
-def _device_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def _config(dtype: torch.dtype, device: torch.device):
     if device.type != "cuda":
         return CONFIGS["interpret"]
     return CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
-
-
-def _check_args(x, w_gate, w_up, activation, token_lang, num_langs):
-    """reference.check_gate_up_count_args + last-dim contiguity."""
-    _ref.check_gate_up_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
-    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
-        _check_rows(t, name)
 
 
 def _impl(x, w_gate, w_up, activation, token_lang, num_langs, *, block_t=None, block_i=None,
@@ -192,7 +166,8 @@ def _impl(x, w_gate, w_up, activation, token_lang, num_langs, *, block_t=None, b
         _gemm_count_kernel[grid](
             x, w_gate, w_up, out, token_lang if has_lang else over_zero, over_zero, act_sum,
             T, I, H, num_langs, x.stride(0), w_gate.stride(0), w_up.stride(0),
-            ACT=_ACT_ID[activation], HAS_LANG=has_lang, UPCAST=upcast,
+            ACT=_ACT_ID[activation], DT=_DT_ID[x.dtype], PRECISE=device.type == "cuda", HAS_LANG=has_lang,
+            UPCAST=upcast,
             FP32_DOT=upcast or x.dtype == torch.float32, EVEN_K=H % bk == 0,
             BLOCK_T=bt, BLOCK_I=bi, BLOCK_K=bk, GROUP_T=gt, num_warps=nw, num_stages=ns,
         )
@@ -202,5 +177,5 @@ def _impl(x, w_gate, w_up, activation, token_lang, num_langs, *, block_t=None, b
 def gate_up_act_mul_count(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str,
                           token_lang: Optional[torch.Tensor], num_langs: int):
     """(act(x w_gate^T) * (x w_up^T), over_zero int64 [L, I], act_sum float64 [L, I]), one kernel."""
-    _check_args(x, w_gate, w_up, activation, token_lang, num_langs)
+    checks.gate_up_act_mul_count_args(x, w_gate, w_up, activation, token_lang, num_langs)
     return _impl(x, w_gate, w_up, activation, token_lang, int(num_langs))

@@ -40,6 +40,8 @@ __all__ = [
 #: names of the per-MLP trainable parameters / index buffer registered by ``set_trainable_neurons``
 PARAM_NAMES = ("lape_gate_rows", "lape_up_rows", "lape_down_cols")
 INDEX_NAME = "lape_neuron_index"
+# The index's slot map (ops.sel_slots: sel checked once here, not by every kernel call)
+SLOTS_NAME = "lape_neuron_slots"
 
 try:  # loaded up front so that a torch.compile'd region never has to import it
     from ..kernels import ops as _kernel_ops
@@ -90,7 +92,25 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], p: tor
     return out
 
 
-def _sparse_mlp_forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation, recompute):
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """``a @ b`` of operands in the 16-bit compute dtype ``cdt`` with fp32 accumulation and an fp32
+    result: one GEMM of several pieces, summed in fp32, then rounded once, has the rounding of the
+    single GEMM the unpatched model runs over the spliced weight. CUDA: mm's out_dtype; the CPU
+    has no such kernel, so ``b`` (a weight) is upcast a block of rows at a time, never whole."""
+    with torch.autocast(a.device.type, enabled=False):
+        a = a.to(cdt)
+        if a.device.type == "cuda":
+            return torch.mm(a, b.to(cdt), out_dtype=torch.float32)
+        k = a.shape[1]
+        block = max(1, min(256, k // 2))
+        out = a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.float32)
+        for k0 in range(0, k, block):
+            out.addmm_(a[:, k0 : k0 + block].float(), b[k0 : k0 + block].to(cdt).float())
+        return out
+
+
+def _sparse_mlp_forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation, recompute,
+                        fused_gate_up=False, slots=None):
     """y = down(act(gate(x)) * up(x)) with rows ``sel`` of gate/up and columns ``sel`` of down
     replaced by the trainable slices; gradients only for x and the slices."""
     ops = _ops()
@@ -101,21 +121,26 @@ def _sparse_mlp_forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activat
     pdc = pd.to(cdt)
     gate = _project(x, wg, bg, pg, sel, cdt)
     up = _project(x, wu, bu, pu, sel, cdt)
-    h0, hs = ops.act_mul_split(gate, up, activation, sel)
-    y = F.linear(h0, wd, bd)
-    y = y + F.linear(hs, pdc).to(y.dtype)
+    h0, hs = ops.act_mul_split(gate, up, activation, sel, slots)
+    if cdt == torch.float32:
+        y = F.linear(h0, wd, bd)
+        y = y + F.linear(hs, pdc).to(y.dtype)
+    else:  # 16-bit: the two parts summed in fp32 and rounded once, as F.linear(h, Wd') does
+        y = _mm_fp32(h0, wd.t(), cdt) + _mm_fp32(hs, pdc.t(), cdt)
+        y = (y if bd is None else y + bd.to(cdt).float()).to(cdt)
     # Saved: x and, unless recomputed in backward, gate and up ([T, I] each: the bulk of
     # a sparse step's activation memory); h is recomputed by act_mul_backward_split. The
     # weights are references, not copies.
     ctx.save_for_backward(x, gate if recompute != "gate_up" else None, up if recompute == "none" else None,
-                          wg, wu, wd, bg, bu, pg, pu, pd, sel)
+                          wg, wu, wd, bg, bu, pg, pu, pd, sel, slots)
     ctx.activation = activation
+    ctx.fused_gate_up = fused_gate_up
     return y
 
 
 def _sparse_mlp_backward(ctx, dy):
     ops = _ops()
-    x, gate, up, wg, wu, wd, bg, bu, pg, pu, pd, sel = ctx.saved_tensors
+    x, gate, up, wg, wu, wd, bg, bu, pg, pu, pd, sel, slots = ctx.saved_tensors
     cdt = _compute_dtype(x)
     # recomputation repeats the forward's ops on the same inputs under the same autocast
     # state (custom_bwd), so it reproduces gate/up exactly
@@ -128,17 +153,25 @@ def _sparse_mlp_backward(ctx, dy):
     dy = dy.reshape(-1, dy.shape[-1])
     dh = torch.matmul(dy, wd).to(cdt)  # [T, I]; columns sel are replaced below
     dhs = torch.matmul(dy.to(cdt), pdc).to(cdt)  # [T, k]
-    dgate, dup, dgate_s, dup_s, hs = ops.act_mul_backward_split(dh, dhs, gate, up, ctx.activation, sel)
+    dgate, dup, dgate_s, dup_s, hs = ops.act_mul_backward_split(dh, dhs, gate, up, ctx.activation, sel, slots)
     del dh, gate, up
     dx = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and cdt == torch.float32:
         dx = torch.matmul(dgate, wg) + torch.matmul(dup, wu)
         dx = dx + torch.matmul(dgate_s, pgc).to(dx.dtype) + torch.matmul(dup_s, puc).to(dx.dtype)
         dx = dx.to(x.dtype)
+    elif ctx.needs_input_grad[0]:  # 16-bit: each projection's input gradient rounded once, as
+        # autograd of the spliced linears gives it (one fused gate_up GEMM: one rounding for both)
+        gx = _mm_fp32(dgate, wg, cdt) + _mm_fp32(dgate_s, pgc, cdt)
+        ux = _mm_fp32(dup, wu, cdt) + _mm_fp32(dup_s, puc, cdt)
+        if ctx.fused_gate_up:
+            dx = (gx + ux).to(cdt).to(x.dtype)
+        else:
+            dx = gx.to(cdt).to(x.dtype) + ux.to(cdt).to(x.dtype)
     dpg = torch.matmul(dgate_s.t(), x.to(cdt)).to(pg.dtype) if ctx.needs_input_grad[7] else None
     dpu = torch.matmul(dup_s.t(), x.to(cdt)).to(pu.dtype) if ctx.needs_input_grad[8] else None
     dpd = torch.matmul(dy.t().to(cdt), hs).to(pd.dtype) if ctx.needs_input_grad[9] else None
-    return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None, None
+    return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None, None, None, None
 
 
 #: the sparse MLP's autograd.Function for a device type (``SparseMLPFunction_cpu``, ...)
@@ -162,7 +195,8 @@ def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
     return fn.apply(
         x2, wg, wu, wd, bg, bu, bd,
         mlp.lape_gate_rows, mlp.lape_up_rows, mlp.lape_down_cols,
-        getattr(mlp, INDEX_NAME), st.activation, st.sparse.recompute,
+        getattr(mlp, INDEX_NAME), st.activation, st.sparse.recompute, st.family.fused_gate_up,
+        getattr(mlp, SLOTS_NAME),
     )
 
 
@@ -247,6 +281,7 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
             mlp.register_parameter(PARAM_NAMES[1], nn.Parameter(wu.index_select(0, sel).clone()))
             mlp.register_parameter(PARAM_NAMES[2], nn.Parameter(wd.index_select(1, sel).contiguous()))
         mlp.register_buffer(INDEX_NAME, sel, persistent=True)
+        mlp.register_buffer(SLOTS_NAME, _ops().sel_slots(sel, wg.shape[0]), persistent=False)
         mlp._lape.sparse = SparseState(recompute=recompute)
     model._lape_sparse = {"requires_grad": flags, "language": language}
     patching.add_cleanup(model, _CLEANUP, clear_trainable_neurons)
@@ -278,8 +313,9 @@ def clear_trainable_neurons(model: nn.Module) -> nn.Module:
         for name in PARAM_NAMES:
             if name in mlp._parameters:
                 del mlp._parameters[name]
-        if INDEX_NAME in mlp._buffers:
-            del mlp._buffers[INDEX_NAME]
+        for name in (INDEX_NAME, SLOTS_NAME):
+            if name in mlp._buffers:
+                del mlp._buffers[name]
         st = getattr(mlp, "_lape", None)
         if st is not None:
             st.sparse = None
