@@ -305,6 +305,15 @@ def patch_mlps(model: nn.Module) -> nn.Module:
         return outer
     check_no_mlp_adapters(model, "patch")
     found = discover(model, probe=True)
+    foreign = [m.layer_index for m in found.mlps if "forward" in m.module.__dict__]
+    if foreign:
+        fwd = found.mlps[foreign[0]].module.__dict__["forward"]
+        fwd = getattr(fwd, "__func__", fwd)
+        raise RuntimeError(
+            f"patch: the MLPs of layers {foreign[:8]}{' ...' if len(foreign) > 8 else ''} already have an instance-level "
+            f"forward ({getattr(fwd, '__module__', None)}.{getattr(fwd, '__qualname__', type(fwd).__name__)}); "
+            "patching would silently replace it. Patch the model before whatever set it, or remove it first"
+        )
     for mlp in found.mlps:
         if getattr(mlp.module, "_lape", None) is None:
             mlp.module._lape = PatchedMLPState(layer_index=mlp.layer_index, activation=mlp.activation,

@@ -58,20 +58,25 @@ def test_unpatch_and_patch_with_neurons_inside_record_are_errors(patched_first):
     assert lk.is_patched(model) == patched_first
 
 
-def _model_with_foreign_forward():
+def _model_with_foreign_forward(where="model"):
     model = tiny_model("llama")
-    model.forward = model.forward  # someone else's instance forward: the chunked loss refuses
+    module = model if where == "model" else model.model.layers[1].mlp
+    module.forward = module.forward  # someone else's instance forward: patching would replace it
     return model
 
 
-@pytest.mark.parametrize("case", ["bad neurons", "foreign forward", "fails while training is set up",
-                                  "patched, fails while training is set up", "bad recompute"])
+@pytest.mark.parametrize("case", ["bad neurons", "foreign forward", "foreign MLP forward",
+                                  "fails while training is set up", "patched, fails while training is set up",
+                                  "bad recompute"])
 def test_a_failed_patch_leaves_the_model_as_it_was(case, monkeypatch):
-    model = _model_with_foreign_forward() if case == "foreign forward" else tiny_model("llama")
+    if case.startswith("foreign"):
+        model = _model_with_foreign_forward("model" if case == "foreign forward" else "mlp")
+    else:
+        model = tiny_model("llama")
     kwargs = {"neurons": NEURONS}
     if case == "bad neurons":
         kwargs = {"neurons": NEURONS[:2]}
-    elif case == "foreign forward":
+    elif case.startswith("foreign"):
         kwargs = {}
     elif case == "bad recompute":
         kwargs = {"neurons": NEURONS, "recompute": "all"}
