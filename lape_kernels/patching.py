@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .introspection import MLPFamily, UnsupportedModelError, decoder_layers, discover
-from .wrappers import describe_adapters, mlp_adapters, unwrap
+from .wrappers import describe_adapters, mlp_adapters, unsharded, unwrap
 
 __all__ = [
     "PatchedMLPState",
@@ -304,7 +304,8 @@ def patch_mlps(model: nn.Module) -> nn.Module:
     if is_patched(model):
         return outer
     check_no_mlp_adapters(model, "patch")
-    found = discover(model, probe=True)
+    with unsharded(model):  # FSDP2: the probe multiplies by the full weights
+        found = discover(model, probe=True)
     foreign = [m.layer_index for m in found.mlps if "forward" in m.module.__dict__]
     if foreign:
         fwd = found.mlps[foreign[0]].module.__dict__["forward"]

@@ -16,8 +16,9 @@ Optional packages (peft, torch.distributed.fsdp, torch._dynamo) are looked up in
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from torch import nn
 
@@ -25,6 +26,7 @@ __all__ = [
     "unwrap",
     "wrapper_names",
     "parameter_wrapper",
+    "unsharded",
     "adapter_base",
     "mlp_adapters",
     "describe_adapters",
@@ -104,6 +106,24 @@ def parameter_wrapper(model: nn.Module) -> Optional[str]:
     if fsdp2 is not None and any(isinstance(m, fsdp2) for m in unwrap(model).modules()):
         return "fully_shard (FSDP2)"
     return None
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """FSDP2 (``fully_shard``) modules of ``model`` with their full parameters for the block.
+
+    Outside their forward, FSDP2 modules hold sharded ``DTensor`` parameters, which a plain
+    tensor cannot be multiplied with (patching runs each MLP once to prove what it computes).
+    A collective across the process group, like FSDP2's own forward: every rank must enter."""
+    fsdp2 = _cls("torch.distributed.fsdp._fully_shard._fully_shard", "FSDPModule")
+    sharded = [m for m in unwrap(model).modules() if isinstance(m, fsdp2)] if fsdp2 is not None else []
+    for m in sharded:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in reversed(sharded):
+            m.reshard()
 
 
 # ----------------------------------------------------------------------------- adapter layers

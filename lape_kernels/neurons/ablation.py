@@ -9,7 +9,7 @@ import torch
 
 from .. import patching
 from ..introspection import mlp_shape
-from ..wrappers import unwrap
+from ..wrappers import unsharded, unwrap
 from .neuron_set import NeuronSet, PerLayer, check_layer_indices
 
 __all__ = ["deactivate"]
@@ -58,7 +58,8 @@ def deactivate(model: torch.nn.Module, neurons: Any):
         raise TypeError(f"deactivate expects a torch.nn.Module, got {type(model).__name__}")
     outer, model = model, unwrap(model)  # PEFT, DDP, torch.compile, ...: the HF model inside
     patching.check_no_mlp_adapters(model, "deactivate")
-    per_layer = _checked_indices(model, neurons)
+    with unsharded(model):  # FSDP2: the MLPs' full weights while they are checked
+        per_layer = _checked_indices(model, neurons)
     was_patched = patching.is_patched(model)
     if not was_patched:
         patching.patch_mlps(model)

@@ -26,7 +26,7 @@ from ..dtypes import dtype_name
 from ..fingerprint import model_fingerprint
 from ..introspection import mlp_shape, text_config
 from ..languages import check_languages
-from ..wrappers import unwrap
+from ..wrappers import unsharded, unwrap
 from .generation import GenerateWatch
 from .values import ActivationStats, StatsByLanguage
 
@@ -447,7 +447,8 @@ def record(
         patching.patch_mlps(model)
     recorder: Optional[_Recorder] = None
     try:
-        recorder = _Recorder(model, names)
+        with unsharded(model):  # FSDP2: the MLPs' full weights (shapes, devices) while it is set up
+            recorder = _Recorder(model, names)
         recorder.fused_gemm = bool(fused_gemm)
         recorder.install()
         stats: Union[RecordingStats, RecordingStatsByLanguage]

@@ -324,7 +324,8 @@ def clear_trainable_neurons(model: nn.Module) -> nn.Module:
     if info is None:
         return model
     patching.drop_cleanup(model, _CLEANUP)
-    for mlp in mlp_modules(model):
+    # the MLPs patch found (an adapter added since hides an MLP from discovery)
+    for mlp in (patching.patched_mlps(model) if patching.is_patched(model) else mlp_modules(model)):
         for name in PARAM_NAMES:
             if name in mlp._parameters:
                 del mlp._parameters[name]

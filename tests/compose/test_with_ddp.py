@@ -83,3 +83,10 @@ def test_fully_shard_model_records_and_refuses_new_parameters(group):
     with pytest.raises(RuntimeError, match=r"wrapped by fully_shard \(FSDP2\)"):
         lk.patch(model, neurons=NEURONS)
     assert not lk.is_patched(model)
+    with torch.no_grad():
+        want_loss = plain(input_ids=ids, labels=ids).loss
+        assert lk.patch(model) is model
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want_loss, rtol=1e-6, atol=1e-6)
+        with lk.deactivate(model, NEURONS):
+            assert not torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    lk.unpatch(model)

@@ -122,6 +122,13 @@ def test_lora_on_the_mlp_after_patch(family):
     q = lora(trained, MLP[family])
     with pytest.raises(RuntimeError, match=r"layer 0: the MLP's .*\(lora\.Linear\).*merge the adapter first"):
         q(input_ids=ids, attention_mask=mask)
+    # the adapter hides the MLPs from discovery: unpatch still finds what patch changed
+    for patched in (model, trained):
+        lk.unpatch(patched)
+        assert not lk.is_patched(patched) and not any("lape_" in n for n, _ in patched.named_parameters())
+        assert not any("forward" in m.__dict__ for m in patched.modules() if type(m).__name__.endswith("MLP"))
+    with torch.no_grad():
+        assert torch.equal(p(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)
 
 
 def test_fused_gemm_falls_back_to_the_module_call_for_adapter_layers():
