@@ -10,26 +10,41 @@ The patched forward is the single mechanism that counting (``record``), neuron d
 (:class:`PatchedMLPState`): a :class:`Recorder`, deactivated indices, or an
 :class:`MLPOverride`. What they install elsewhere on the model they undo through
 :func:`add_cleanup`, so :func:`unpatch` removes everything without knowing the consumers.
+
+Patching also installs, once, forward hooks on the decoder body and the modules enclosing it
+that tell the active recorder (:func:`set_recorder`) where a forward starts and ends. They stay
+for the life of the patch: hooks registered per ``record()`` block would get new ids, which
+``torch.compile`` guards on, so every block would recompile.
+
+Every function here takes the model or any wrapper around it (PEFT, DDP, ``torch.compile``:
+:mod:`lape_kernels.wrappers`) and acts on the Hugging Face model inside.
 """
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
 
-from .introspection import MLPFamily, discover, mlp_modules, text_config
+from .introspection import MLPFamily, UnsupportedModelError, decoder_layers, discover
+from .wrappers import describe_adapters, mlp_adapters, unsharded, unwrap
 
 __all__ = [
     "PatchedMLPState",
+    "PatchedModelState",
     "Recorder",
     "MLPOverride",
     "patch_mlps",
     "unpatch",
     "is_patched",
     "patched_mlps",
+    "observed_modules",
+    "set_recorder",
+    "is_recording",
+    "check_not_recording",
+    "check_no_mlp_adapters",
     "add_cleanup",
     "drop_cleanup",
     "run_cleanup",
@@ -56,6 +71,17 @@ class Recorder(Protocol):
 
     def accumulate(self, layer_index: int, over_zero: torch.Tensor, act_sum: torch.Tensor) -> None:
         """Add one call's ``over_zero`` int64 / ``act_sum`` float64 ``[num_langs, I]``."""
+        ...
+
+    # Model level (only when installed with ``set_recorder``; a recorder set on one MLP's
+    # ``_lape.recorder`` by hand, e.g. in a benchmark, never sees these):
+    def enter(self, position: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward of ``observed_modules(model)[position]`` starts (the last position is the
+        decoder body; the others enclose it, outermost first)."""
+        ...
+
+    def exit(self, position: int, module: nn.Module) -> None:
+        """That forward ended (also when it raised)."""
         ...
 
 
@@ -98,8 +124,12 @@ def biases(mlp: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tenso
 
 def _fused_gemm_applies(mlp: nn.Module, x2: torch.Tensor) -> bool:
     """Whether ``gate_up_act_mul_count`` computes this MLP's forward exactly as the module would
-    up to GEMM rounding: no gate/up bias, the weights' dtype (no autocast cast), and nothing
-    that needs a gradient through the op (it is inference-only)."""
+    up to GEMM rounding: no gate/up bias, the weights' dtype (no autocast cast), nothing that
+    needs a gradient through the op (it is inference-only), and plain Linear projections (an
+    adapter layer adds to the base weight's product: the module call includes it, the op would
+    not)."""
+    if mlp_adapters(mlp):
+        return False
     wg, wu, _ = weights(mlp)
     bg, bu, _ = biases(mlp)
     if bg is not None or bu is not None or x2.dtype != wg.dtype or torch.is_autocast_enabled(x2.device.type):
@@ -135,15 +165,129 @@ def _lape_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
+@dataclass
+class PatchedModelState:
+    """``model._lape_model``: what patching installed on the model as a whole. Plain Python."""
+
+    #: the decoder body and the modules enclosing it, outermost first (the root model included)
+    observed: List[nn.Module]
+    #: the patched MLP modules in layer order
+    mlps: List[nn.Module]
+    #: the forward-hook handles on ``observed`` (removed by ``unpatch``)
+    handles: list = field(default_factory=list)
+    #: the active model-level recorder (``set_recorder``)
+    recorder: Optional[Recorder] = None
+
+
+class _ForwardObserver:
+    """Forward pre/post hooks of one observed module: hand the forward's start and end to the
+    model's active recorder. A bound method of an object (not a closure), so that
+    ``copy.deepcopy(model)`` gives the copy hooks that point at the copy's state."""
+
+    def __init__(self, state: PatchedModelState, position: int) -> None:
+        self.state = state
+        self.position = position
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        recorder = self.state.recorder
+        if recorder is not None:
+            recorder.enter(self.position, module, args, kwargs)
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        recorder = self.state.recorder
+        if recorder is not None:
+            recorder.exit(self.position, module)
+
+
+def _ancestors(model: nn.Module, body: nn.Module) -> List[nn.Module]:
+    """The modules enclosing ``body`` inside ``model`` (``model`` included, ``body`` not)."""
+    for name, module in model.named_modules():
+        if module is body:
+            parts = name.split(".") if name else []
+            out, cur = [], model
+            for part in parts[:-1]:
+                cur = getattr(cur, part)
+                out.append(cur)
+            return ([model] if name else []) + out
+    return []
+
+
 def is_patched(model: nn.Module) -> bool:
-    return bool(getattr(model, "_lape_patched", False))
+    return bool(getattr(unwrap(model), "_lape_patched", False))
 
 
 def patched_mlps(model: nn.Module) -> List[nn.Module]:
     """The patched MLP modules in layer order (error if the model is not patched)."""
+    model = unwrap(model)
     if not is_patched(model):
         raise RuntimeError("model is not patched: call lape_kernels.patch(model) first")
-    return mlp_modules(model)
+    return list(model._lape_model.mlps)
+
+
+def observed_modules(model: nn.Module) -> List[nn.Module]:
+    """The decoder body (last) and the modules enclosing it, whose forwards a recorder set with
+    :func:`set_recorder` is told about."""
+    model = unwrap(model)
+    if not is_patched(model):
+        raise RuntimeError("model is not patched: call lape_kernels.patch(model) first")
+    return list(model._lape_model.observed)
+
+
+def set_recorder(model: nn.Module, recorder: Optional[Recorder]) -> None:
+    """Make ``recorder`` receive every patched MLP's counts and the observed modules' forward
+    starts and ends (None: stop). Setting one while another is active is an error."""
+    model = unwrap(model)
+    mlps = patched_mlps(model)
+    state: PatchedModelState = model._lape_model
+    if recorder is not None and is_recording(model):
+        raise RuntimeError("record(): this model is already being recorded (nested record() on the same model)")
+    state.recorder = recorder
+    for mlp in mlps:
+        mlp._lape.recorder = recorder
+
+
+def is_recording(model: nn.Module) -> bool:
+    """Whether a ``record()`` block is counting this model's forwards."""
+    model = unwrap(model)
+    if not is_patched(model):
+        return False
+    if model._lape_model.recorder is not None:
+        return True
+    return any(getattr(mlp, "_lape", None) is not None and mlp._lape.recorder is not None
+               for mlp in model._lape_model.mlps)
+
+
+def check_not_recording(model: nn.Module, what: str) -> None:
+    """Refuse to change what the patched forward computes while a ``record()`` block counts
+    it: the statistics would silently mix two computations (or stop counting MLPs while the
+    token totals go on)."""
+    if is_recording(model):
+        raise RuntimeError(
+            f"{what}: the model is being recorded (inside a lape_kernels.record() block); "
+            "finish the block first, then change the model"
+        )
+
+
+def check_no_mlp_adapters(model: nn.Module, what: str, mlps: Optional[List[nn.Module]] = None) -> None:
+    """Refuse MLPs whose projections are adapter layers (PEFT LoRA, ...): counting, deactivation
+    and the weight-reading paths compute the MLP from its nn.Linear weights and would leave the
+    adapter's contribution out without a word."""
+    model = unwrap(model)
+    if mlps is None:  # before discovery, which cannot read an adapted MLP: every non-attention child
+        try:
+            layers = decoder_layers(model)[1]
+        except UnsupportedModelError:
+            return  # not a model we patch at all: that error is discovery's to give
+        mlps = [child for block in layers for name, child in block.named_children()
+                if "attn" not in name.lower() and "attention" not in name.lower()]
+    found = describe_adapters(model, mlps)
+    if found:
+        raise UnsupportedModelError(
+            f"{what}: the MLP projections {found} are adapter layers (PEFT); lape_kernels computes MLPs from "
+            "their nn.Linear weights and would leave the adapter out. Merge the adapter into the weights first "
+            "(model = peft_model.merge_and_unload()), or put it on modules outside the MLP "
+            "(e.g. LoraConfig(target_modules=['q_proj', 'v_proj']))"
+        )
 
 
 def patch_mlps(model: nn.Module) -> nn.Module:
@@ -156,16 +300,35 @@ def patch_mlps(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
+    outer, model = model, unwrap(model)
     if is_patched(model):
-        return model
-    found = discover(model, probe=True)
+        return outer
+    check_no_mlp_adapters(model, "patch")
+    with unsharded(model):  # FSDP2: the probe multiplies by the full weights
+        found = discover(model, probe=True)
+    foreign = [m.layer_index for m in found.mlps if "forward" in m.module.__dict__]
+    if foreign:
+        fwd = found.mlps[foreign[0]].module.__dict__["forward"]
+        fwd = getattr(fwd, "__func__", fwd)
+        raise RuntimeError(
+            f"patch: the MLPs of layers {foreign[:8]}{' ...' if len(foreign) > 8 else ''} already have an instance-level "
+            f"forward ({getattr(fwd, '__module__', None)}.{getattr(fwd, '__qualname__', type(fwd).__name__)}); "
+            "patching would silently replace it. Patch the model before whatever set it, or remove it first"
+        )
     for mlp in found.mlps:
         if getattr(mlp.module, "_lape", None) is None:
             mlp.module._lape = PatchedMLPState(layer_index=mlp.layer_index, activation=mlp.activation,
                                                family=mlp.family)
             mlp.module.forward = types.MethodType(_lape_mlp_forward, mlp.module)
+    state = PatchedModelState(observed=_ancestors(model, found.body) + [found.body],
+                              mlps=[mlp.module for mlp in found.mlps])
+    for position, module in enumerate(state.observed):
+        observer = _ForwardObserver(state, position)
+        state.handles.append(module.register_forward_pre_hook(observer.pre, with_kwargs=True))
+        state.handles.append(module.register_forward_hook(observer.post, with_kwargs=True, always_call=True))
+    model._lape_model = state
     model._lape_patched = True
-    return model
+    return outer
 
 
 #: ``model.__dict__`` key of the registered cleanups: name -> undo(model), in registration order
@@ -178,19 +341,26 @@ def add_cleanup(model: nn.Module, name: str, undo: Callable[[nn.Module], Any]) -
     How the consumers of the patched forward (sparse training, the chunked loss) remove what
     they installed, without patching having to know them. Registering a name again replaces
     the earlier ``undo`` and makes it the newest."""
-    cleanups = model.__dict__.setdefault(_CLEANUPS, {})
+    cleanups = unwrap(model).__dict__.setdefault(_CLEANUPS, {})
     cleanups.pop(name, None)
     cleanups[name] = undo
 
 
 def drop_cleanup(model: nn.Module, name: str) -> None:
     """Forget a registered cleanup without running it (its owner undid its work itself)."""
-    model.__dict__.get(_CLEANUPS, {}).pop(name, None)
+    model = unwrap(model)
+    cleanups = model.__dict__.get(_CLEANUPS)
+    if cleanups is not None:
+        cleanups.pop(name, None)
+        if not cleanups:
+            del model.__dict__[_CLEANUPS]
 
 
 def run_cleanup(model: nn.Module, name: str) -> None:
     """Run and forget one registered cleanup now (no-op when none is registered)."""
-    undo = model.__dict__.get(_CLEANUPS, {}).pop(name, None)
+    model = unwrap(model)
+    undo = model.__dict__.get(_CLEANUPS, {}).get(name)
+    drop_cleanup(model, name)
     if undo is not None:
         undo(model)
 
@@ -198,17 +368,23 @@ def run_cleanup(model: nn.Module, name: str) -> None:
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo ``patch``: original forwards, original weights, original ``requires_grad`` flags.
 
-    Trained neuron values are discarded (use ``lape_kernels.merge`` to keep them).
+    Trained neuron values are discarded (use ``lape_kernels.merge`` to keep them). An error
+    inside a ``record()`` block. Returns ``model`` (a wrapper stays the wrapper).
     """
+    outer, model = model, unwrap(model)
+    check_not_recording(model, "unpatch")
     for name in reversed(list(model.__dict__.get(_CLEANUPS, {}))):
         run_cleanup(model, name)
     model.__dict__.pop(_CLEANUPS, None)
     if not is_patched(model):
-        return model
-    for mlp in mlp_modules(model):
+        return outer
+    state = model.__dict__.pop("_lape_model")
+    for mlp in state.mlps:  # those patched (an adapter added since may hide them from discovery)
         if "forward" in mlp.__dict__:
             del mlp.forward
         if "_lape" in mlp.__dict__:
             del mlp._lape
+    for handle in state.handles:
+        handle.remove()
     del model._lape_patched
-    return model
+    return outer

@@ -9,6 +9,7 @@ import torch
 
 from .. import patching
 from ..introspection import mlp_shape
+from ..wrappers import unsharded, unwrap
 from .neuron_set import NeuronSet, PerLayer, check_layer_indices
 
 __all__ = ["deactivate"]
@@ -50,11 +51,15 @@ def deactivate(model: torch.nn.Module, neurons: Any):
     ``(NeuronSet, language)``. Sets ``mlp._lape.deactivated`` on each patched MLP and restores
     the previous value on exit, also on an exception. Inside another ``deactivate`` block the
     neurons add to those already deactivated. An unpatched model is patched for the duration
-    and unpatched afterwards; bad neurons are an error before the model is changed.
+    and unpatched afterwards; bad neurons are an error before the model is changed. ``model``
+    may be wrapped (PEFT, DDP, ``torch.compile``): the HF model inside is changed.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"deactivate expects a torch.nn.Module, got {type(model).__name__}")
-    per_layer = _checked_indices(model, neurons)
+    outer, model = model, unwrap(model)  # PEFT, DDP, torch.compile, ...: the HF model inside
+    patching.check_no_mlp_adapters(model, "deactivate")
+    with unsharded(model):  # FSDP2: the MLPs' full weights while they are checked
+        per_layer = _checked_indices(model, neurons)
     was_patched = patching.is_patched(model)
     if not was_patched:
         patching.patch_mlps(model)
@@ -69,7 +74,7 @@ def deactivate(model: torch.nn.Module, neurons: Any):
         try:
             for mlp, idx in zip(mlps, new):
                 mlp._lape.deactivated = idx
-            yield model
+            yield outer
         finally:
             for mlp, prev in zip(mlps, saved):
                 mlp._lape.deactivated = prev

@@ -1,8 +1,12 @@
 """``record``: collect LAPE statistics from the patched MLP forward of a model.
 
 The recorder is the patched forward's :class:`lape_kernels.patching.Recorder`: every patched MLP
-hands it ``act_mul_count``'s per-language counts; a pre-hook on the decoder body tells it which
-language each token belongs to (padding from the 2-D attention mask is never counted).
+hands it ``act_mul_count``'s per-language counts; patching's hooks on the decoder body tell it
+which language each token belongs to (padding from the 2-D attention mask is never counted, nor,
+during ``generate()``, the tokens fed to sequences that already ended: ``generation.py``).
+
+Nothing of a block is registered on the model's modules (the hooks belong to the patch), so a
+``torch.compile``'d patched model compiles once for all ``record()`` blocks.
 
 ``record`` yields :class:`RecordingStats` (or :class:`RecordingStatsByLanguage`): the value types
 of ``values.py``, whose numbers follow the recorder's device accumulators while the block runs
@@ -20,8 +24,10 @@ from torch import nn
 from .. import patching
 from ..dtypes import dtype_name
 from ..fingerprint import model_fingerprint
-from ..introspection import decoder_body, mlp_shape, text_config
+from ..introspection import mlp_shape, text_config
 from ..languages import check_languages
+from ..wrappers import unsharded, unwrap
+from .generation import GenerateWatch
 from .values import ActivationStats, StatsByLanguage
 
 __all__ = ["record", "RecordingStats", "RecordingStatsByLanguage"]
@@ -55,12 +61,15 @@ class _ForwardContext:
 
 class _Recorder:
     """Accumulates ``act_mul_count`` results of every patched MLP (the protocol of
-    ``patching._lape_mlp_forward``) and token totals from the decoder body's pre-hook."""
+    ``patching._lape_mlp_forward``) and token totals from the decoder body's forward starts."""
 
     def __init__(self, model: nn.Module, languages: Optional[List[str]]) -> None:
         self.model = model
-        self.body = decoder_body(model)
+        self.observed = patching.observed_modules(model)
+        self.body = self.observed[-1]
+        self.body_position = len(self.observed) - 1
         self.mlps = patching.patched_mlps(model)
+        patching.check_no_mlp_adapters(model, "record()", self.mlps)
         sparse = [m._lape.layer_index for m in self.mlps if m._lape.sparse is not None]
         if sparse:
             raise RuntimeError(
@@ -88,8 +97,9 @@ class _Recorder:
         self._batch_lang_dev: Dict[torch.device, torch.Tensor] = {}
         self.ctx: Optional[_ForwardContext] = None
         self.outer_masks: List[Optional[torch.Tensor]] = []  # 2-D masks of enclosing calls
-        self.body_sig: Optional[inspect.Signature] = None
-        self.handles: list = []
+        self.signatures = [_signature(m) for m in self.observed]
+        self.body_sig = self.signatures[-1]
+        self.generate_watch = GenerateWatch(model)
         self.fused_gemm = False  # count with gate_up_act_mul_count (see record)
 
     # -- protocol used by the patched MLP forward ----------------------------------------------
@@ -165,10 +175,25 @@ class _Recorder:
         self.batch_lang = t
         self._batch_lang_dev = {}
 
-    # -- decoder body hooks --------------------------------------------------------------------
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # -- forwards of the decoder body and the modules enclosing it (patching's hooks) ----------
+    def enter(self, position: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if _in_backward():
             return
+        if position == self.body_position:
+            self._body_started(args, kwargs)
+        else:
+            m = _call_arg(self.signatures[position], args, kwargs, "attention_mask", None)
+            self.outer_masks.append(m if isinstance(m, torch.Tensor) and m.dim() == 2 else None)
+
+    def exit(self, position: int, module: nn.Module) -> None:
+        if _in_backward():
+            return
+        if position == self.body_position:
+            self.ctx = None
+        elif self.outer_masks:
+            self.outer_masks.pop()
+
+    def _body_started(self, args: tuple, kwargs: dict) -> None:
         input_ids = _call_arg(self.body_sig, args, kwargs, "input_ids", 0)
         embeds = _call_arg(self.body_sig, args, kwargs, "inputs_embeds", None)
         ref = input_ids if input_ids is not None else embeds
@@ -199,6 +224,8 @@ class _Recorder:
                     f"record(): attention_mask of shape {tuple(mask.shape)} does not cover the inputs [batch={B}, seq={S}]"
                 )
             valid = mask[:, mask.shape[1] - S :].to(device) != 0  # with a KV cache: the last S columns
+        if self.generate_watch.active and isinstance(input_ids, torch.Tensor):
+            valid = self.generate_watch.sequence_tokens(input_ids, valid)  # not the pads fed after an EOS
         if self.batch_lang is None:
             if self.num_langs > 1:
                 raise RuntimeError(
@@ -220,22 +247,6 @@ class _Recorder:
         idx = (lang + 1).to(self.n_device.device)
         self.n_device.index_add_(0, idx, torch.ones_like(idx))
         self.ctx = _ForwardContext(B * S, lang)
-
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not _in_backward():
-            self.ctx = None
-
-    def _outer_pre_hook(self, sig: Optional[inspect.Signature]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not _in_backward():
-                m = _call_arg(sig, args, kwargs, "attention_mask", None)
-                self.outer_masks.append(m if isinstance(m, torch.Tensor) and m.dim() == 2 else None)
-
-        return hook
-
-    def _outer_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not _in_backward() and self.outer_masks:
-            self.outer_masks.pop()
 
     def _batch_lang_on(self, device: torch.device, B: int, S: int, width: int) -> torch.Tensor:
         """The language ids set by ``set_batch_languages`` as [B, S] on ``device``."""
@@ -277,27 +288,13 @@ class _Recorder:
         return over_zero, act_sum, n
 
     def install(self) -> None:
-        busy = [m._lape.layer_index for m in self.mlps if m._lape.recorder is not None]
-        if busy:
-            raise RuntimeError("record(): this model is already being recorded (nested record() on the same model)")
-        for m in self.mlps:
-            m._lape.recorder = self
-        self.body_sig = _signature(self.body)
-        self.handles.append(self.body.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self.handles.append(self.body.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
-        for outer in _ancestors(self.model, self.body):
-            sig = _signature(outer)
-            self.handles.append(outer.register_forward_pre_hook(self._outer_pre_hook(sig), with_kwargs=True))
-            self.handles.append(outer.register_forward_hook(self._outer_post_hook, with_kwargs=True, always_call=True))
+        patching.set_recorder(self.model, self)  # raises when another record() block is active
+        self.generate_watch.install()
 
     def uninstall(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        for m in self.mlps:
-            st = getattr(m, "_lape", None)
-            if st is not None and st.recorder is self:
-                st.recorder = None
+        self.generate_watch.uninstall()
+        if self.model.__dict__.get("_lape_model") is not None and self.model._lape_model.recorder is self:
+            patching.set_recorder(self.model, None)
         self.ctx = None
         self.outer_masks = []
 
@@ -322,19 +319,6 @@ def _call_arg(sig: Optional[inspect.Signature], args: tuple, kwargs: dict, name:
                 return args[i] if ok and i < len(args) else None
         return None
     return args[index] if index is not None and index < len(args) else None
-
-
-def _ancestors(model: nn.Module, body: nn.Module) -> List[nn.Module]:
-    """The modules enclosing ``body`` inside ``model`` (``model`` included, ``body`` not)."""
-    for name, module in model.named_modules():
-        if module is body:
-            parts = name.split(".") if name else []
-            out, cur = [], model
-            for part in parts[:-1]:
-                cur = getattr(cur, part)
-                out.append(cur)
-            return ([model] if name else []) + out
-    return []
 
 
 class RecordingStats(ActivationStats):
@@ -432,8 +416,12 @@ def record(
 
     ``languages=None`` (or one name) yields an ``ActivationStats``; a list yields a
     ``StatsByLanguage`` (call ``stats.set_batch_languages(ids)`` before each batch unless the
-    list has one language). Padding (attention_mask == 0) is never counted. The model is patched
-    if needed, and unpatched on exit only if ``record`` patched it.
+    list has one language). Padding (attention_mask == 0) is never counted; during
+    ``model.generate()`` neither are the tokens fed to a sequence after its end-of-sequence
+    token (generate pads finished sequences with attention mask 1): a sequence's generated
+    tokens count up to and including its first EOS. The model is patched if needed, and
+    unpatched on exit only if ``record`` patched it. ``model`` may be wrapped (PEFT, DDP,
+    ``torch.compile``): the Hugging Face model inside is counted.
 
     ``fused_gemm=True`` counts with ``gate_up_act_mul_count``: on CUDA (Triton backend) one GEMM
     kernel computes gate and up and counts in its epilogue, so they never reach memory. gate/up
@@ -451,12 +439,16 @@ def record(
         names, single_name = check_languages(languages), None
     if not isinstance(model, nn.Module):
         raise TypeError(f"record expects a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)  # PEFT, DDP, torch.compile, ...: count the HF model inside
     was_patched = patching.is_patched(model)
+    if not was_patched:
+        patching.check_no_mlp_adapters(model, "record()")
     if not was_patched:
         patching.patch_mlps(model)
     recorder: Optional[_Recorder] = None
     try:
-        recorder = _Recorder(model, names)
+        with unsharded(model):  # FSDP2: the MLPs' full weights (shapes, devices) while it is set up
+            recorder = _Recorder(model, names)
         recorder.fused_gemm = bool(fused_gemm)
         recorder.install()
         stats: Union[RecordingStats, RecordingStatsByLanguage]

@@ -26,7 +26,8 @@ from ..fingerprint import check_model, model_fingerprint, unknown_note
 from ..introspection import mlp_shape, text_config
 from ..neurons.neuron_set import check_layer_indices
 from .loss import install_chunked_loss
-from .sparse_mlp import INDEX_NAME, PARAM_NAMES, has_trainable_neurons, set_trainable_neurons
+from ..wrappers import unwrap
+from .sparse_mlp import INDEX_NAME, PARAM_NAMES, check_can_add_parameters, has_trainable_neurons, set_trainable_neurons
 
 __all__ = ["save_neurons", "load_neurons", "merge", "NeuronFileError", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
 
@@ -61,6 +62,7 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
     """Write the trained neuron slices of ``model`` to directory ``path`` (created). Returns it."""
     from safetensors.torch import save_file
 
+    model = unwrap(model)  # PEFT, DDP, torch.compile, ...: the HF model inside
     _require_trained(model, "save_neurons")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -121,8 +123,12 @@ def load_neurons(model: nn.Module, path: Union[str, Path], *, allow_other_model:
     values (trainable again). Errors clearly if the file does not fit the model; a different base
     model of the same shape (another fingerprint) is a ``ModelMismatchError`` naming both, unless
     ``allow_other_model=True`` (a deliberate transfer, e.g. onto the instruct variant). What the
-    check could not decide or waived is kept in ``model._lape_sparse["notes"]``."""
+    check could not decide or waived is kept in ``model._lape_sparse["notes"]``. ``model`` may
+    be wrapped (PEFT, ``torch.compile``; not by DDP/FSDP: load before wrapping)."""
     path = Path(path)
+    check_can_add_parameters(model, "load_neurons")
+    outer, model = model, unwrap(model)
+    patching.check_not_recording(model, "load_neurons")
     if has_trainable_neurons(model):
         raise RuntimeError("load_neurons expects a base model without trainable neurons (merge or unpatch it first)")
     config, tensors = _read(path)
@@ -137,16 +143,16 @@ def load_neurons(model: nn.Module, path: Union[str, Path], *, allow_other_model:
         if "model_fingerprint" in config and config["model_fingerprint"] is None:
             note = unknown_note(f"saved neurons {path}", "the model's weights could not be read when saving")
     was_patched = patching.is_patched(model)
-    patching.patch_mlps(model)
-    install_chunked_loss(model)
     try:
+        patching.patch_mlps(model)
+        install_chunked_loss(model)
         _install(model, path, config, tensors)
     except BaseException:
         if not was_patched:
             patching.unpatch(model)
         raise
     model._lape_sparse["notes"] = [note] if note else []
-    return model
+    return outer
 
 
 def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
@@ -201,7 +207,10 @@ def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Write the trained neuron slices into the base weights and unpatch: a plain HF model."""
+    """Write the trained neuron slices into the base weights and unpatch: a plain HF model
+    (whatever wrapped its forward since ``patch`` goes too: see ``uninstall_chunked_loss``).
+    Returns ``model`` as passed (a wrapper stays the wrapper)."""
+    outer, model = model, unwrap(model)
     _require_trained(model, "merge")
     for mlp in patching.patched_mlps(model):
         if mlp._lape.sparse is None:
@@ -212,4 +221,4 @@ def merge(model: nn.Module) -> nn.Module:
         wu.index_copy_(0, sel, getattr(mlp, PARAM_NAMES[1]).detach().to(wu.dtype))
         wd.index_copy_(1, sel, getattr(mlp, PARAM_NAMES[2]).detach().to(wd.dtype))
     patching.unpatch(model)
-    return model
+    return outer

@@ -10,6 +10,7 @@ clones the full weight each step and gets a dense gradient). See docs/ARCHITECTU
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -20,6 +21,7 @@ from torch import nn
 from .. import patching
 from ..introspection import mlp_modules, mlp_shape
 from ..neurons.neuron_set import check_layer_indices
+from ..wrappers import describe_adapters, mlp_adapters, parameter_wrapper, unwrap
 from ._autograd import per_device_function
 
 _CLEANUP = "sparse_neurons"
@@ -34,6 +36,7 @@ __all__ = [
     "set_recompute",
     "RECOMPUTE_MODES",
     "has_trainable_neurons",
+    "check_can_add_parameters",
     "PARAM_NAMES",
 ]
 
@@ -178,11 +181,32 @@ def _sparse_mlp_backward(ctx, dy):
 _function_for = per_device_function("SparseMLPFunction", _sparse_mlp_forward, _sparse_mlp_backward)
 
 
+def _check_sparse_mlp(mlp: nn.Module, layer_index: int) -> None:
+    """What the sparse forward cannot compute exactly, or what would make it train nothing."""
+    if mlp_adapters(mlp):
+        raise RuntimeError(
+            f"layer {layer_index}: the MLP's {describe_adapters(mlp, [mlp])} are adapter layers: sparse neuron "
+            "training computes the "
+            "MLP from its base weights and would leave the adapter out. Train the neurons with adapters only outside "
+            "the MLP (e.g. LoRA on q_proj/v_proj), or merge the adapter first (peft_model.merge_and_unload())"
+        )
+    if mlp.training and torch.is_grad_enabled() and not any(getattr(mlp, n).requires_grad for n in PARAM_NAMES):
+        warnings.warn(  # one message for every layer: Python's filter shows it once
+            f"the trainable neuron slices ({', '.join(PARAM_NAMES)}) are frozen "
+            "(requires_grad=False), so the neurons do not train. Something froze them after patch(neurons=...): "
+            "PEFT's get_peft_model freezes every non-adapter parameter. Apply PEFT first and then "
+            "lape_kernels.patch(peft_model, neurons=..., keep_trainable=True), or unfreeze them: "
+            "for p in lape_kernels.trainable_parameters(model): p.requires_grad_(True)",
+            stacklevel=3,
+        )
+
+
 def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
     """The MLP output ``[T, H]`` for ``x2`` ``[T, H]`` with the trainable neuron slices in place."""
     st = mlp._lape
     if st.sparse is None:
         raise RuntimeError("sparse_mlp_forward called on an MLP without trainable neurons")
+    _check_sparse_mlp(mlp, st.layer_index)
     wg, wu, wd = patching.weights(mlp)
     bg, bu, bd = patching.biases(mlp)
     for name, t in (("weights", wg), ("weights", wu), ("weights", wd), ("biases", bg), ("biases", bu), ("biases", bd)):
@@ -252,24 +276,48 @@ def _check_recompute(recompute: str) -> str:
     return recompute
 
 
+def check_can_add_parameters(model: nn.Module, what: str) -> None:
+    """Refuse to add the trainable neuron slices to a model whose parameters a distributed
+    wrapper already took note of (DDP's reducer, FSDP's shards): the slices would train
+    unsynchronised, or not at all. ``model``: as the user passed it (the wrapper included)."""
+    wrapper = parameter_wrapper(model)
+    if wrapper is not None:
+        raise RuntimeError(
+            f"{what}: the model is wrapped by {wrapper}, which registered its parameters when it was built; the "
+            "trainable neuron slices added now would not be synchronised across processes. Call "
+            "lape_kernels.patch(model, neurons=...) (or load_neurons) on the plain model first, then wrap it"
+        )
+
+
+def _mlp_base_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The MLPs' own parameters (every layer; no neuron slices yet): frozen while neurons
+    train, because the sparse forward computes the MLP's weights and biases as constants."""
+    return [p for mlp in patching.patched_mlps(model) for p in mlp.parameters()]
+
+
 def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None,
-                          recompute: str = "none") -> nn.Module:
-    """Make exactly the selected neurons' weights trainable; freeze everything else.
+                          recompute: str = "none", keep_trainable: bool = False) -> nn.Module:
+    """Make exactly the selected neurons' weights trainable; freeze everything else (with
+    ``keep_trainable``: freeze only the MLPs' own weights and biases, leaving other parameters
+    that require grad, e.g. a PEFT adapter's, trainable).
 
     ``neurons``: what :func:`select_neurons` takes. The model must be patched
     (``lape_kernels.patch`` calls this). Calling it again replaces the previous selection (its
     trained values are discarded). ``recompute`` trades activation memory for time (see
-    ``RECOMPUTE_MODES``). Everything is checked before the model changes.
+    ``RECOMPUTE_MODES``). Everything is checked before the model changes; an error inside a
+    ``record()`` block (the sparse forward does not count).
     """
     _check_recompute(recompute)
+    model = unwrap(model)
     if not patching.is_patched(model):
         raise RuntimeError("set_trainable_neurons needs a patched model: use lape_kernels.patch(model, neurons=...)")
+    patching.check_not_recording(model, "set_trainable_neurons")
     indices = select_neurons(model, neurons, language)
 
     if has_trainable_neurons(model):
         clear_trainable_neurons(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
+    for p in (_mlp_base_parameters(model) if keep_trainable else model.parameters()):
         p.requires_grad_(False)
     for mlp, sel in zip(patching.patched_mlps(model), indices):
         if sel.numel() == 0:
@@ -291,6 +339,7 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
 def set_recompute(model: nn.Module, recompute: str) -> nn.Module:
     """Change what the sparse MLPs recompute in backward (keeps the trained values)."""
     _check_recompute(recompute)
+    model = unwrap(model)
     if not has_trainable_neurons(model):
         raise RuntimeError("recompute applies to sparse neuron training: use lape_kernels.patch(model, neurons=...)")
     for mlp in patching.patched_mlps(model):
@@ -300,16 +349,18 @@ def set_recompute(model: nn.Module, recompute: str) -> nn.Module:
 
 
 def has_trainable_neurons(model: nn.Module) -> bool:
-    return getattr(model, "_lape_sparse", None) is not None
+    return unwrap(model).__dict__.get("_lape_sparse") is not None
 
 
 def clear_trainable_neurons(model: nn.Module) -> nn.Module:
     """Remove the trainable slices (discarding their values) and restore ``requires_grad`` flags."""
-    info = getattr(model, "_lape_sparse", None)
+    model = unwrap(model)
+    info = model.__dict__.get("_lape_sparse")
     if info is None:
         return model
     patching.drop_cleanup(model, _CLEANUP)
-    for mlp in mlp_modules(model):
+    # the MLPs patch found (an adapter added since hides an MLP from discovery)
+    for mlp in (patching.patched_mlps(model) if patching.is_patched(model) else mlp_modules(model)):
         for name in PARAM_NAMES:
             if name in mlp._parameters:
                 del mlp._parameters[name]

@@ -224,16 +224,22 @@ def test_inference_mode_and_live_reading():
 def test_recording_a_patched_model_leaves_it_patched_and_cleans_up_on_error():
     model = lape_kernels.patch(tiny_model("llama"))
     ids, mask = random_batch(seed=13)
+    body = introspection.decoder_body(model)
+    # the patch's own hooks (they tell the active recorder where forwards start): a block
+    # registers nothing of its own, so that torch.compile's guards on hook ids keep holding
+    hooks = (dict(body._forward_pre_hooks), dict(body._forward_hooks), dict(model._forward_pre_hooks))
     with pytest.raises(KeyboardInterrupt):
         with record(model):
             raise KeyboardInterrupt
     assert patching.is_patched(model)
     assert all(m._lape.recorder is None for m in patching.patched_mlps(model))
-    body = introspection.decoder_body(model)
-    assert not body._forward_pre_hooks and not body._forward_hooks
+    assert model._lape_model.recorder is None and not patching.is_recording(model)
+    assert (dict(body._forward_pre_hooks), dict(body._forward_hooks), dict(model._forward_pre_hooks)) == hooks
     a = _record(model, ids, mask)
     assert patching.is_patched(model)
     lape_kernels.unpatch(model)
+    assert not body._forward_pre_hooks and not body._forward_hooks and not model._forward_pre_hooks
+    assert not model._forward_hooks and "_lape_model" not in model.__dict__
     assert a.equal(_record(model, ids, mask))
 
 

@@ -17,6 +17,7 @@ import lape_kernels
 from lape_kernels.training.loss import (
     chunked_causal_lm_loss,
     default_chunk_size,
+    default_tiles,
     has_chunked_loss,
     install_chunked_loss,
     uninstall_chunked_loss,
@@ -299,3 +300,123 @@ def test_compiles_fullgraph():
 def test_default_chunk_size_on_gpus_is_larger():
     assert default_chunk_size(4096, 128256, "cuda") == 256
     assert default_chunk_size(4096, 128256, "cpu") == 64
+
+
+# ----------------------------------------------------------------------------- vocabulary blocks
+
+
+def frozen_case(**kw):
+    hidden, head, labels = make_case(**kw)
+    head.requires_grad_(False)
+    return hidden, head, labels
+
+
+@pytest.mark.parametrize("chunk, block", [(None, None), (1, 7), (5, 16), (18, 50), (4, 1000), (None, 13)])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_vocab_blocks_equal_hf_loss_and_hidden_grad(chunk, block, softcap, bias):
+    """A frozen head (sparse training, evaluation): the online logsumexp over blocks of head
+    rows gives HF's loss and d(hidden)."""
+    hidden, head, labels = frozen_case(bias=bias)
+    want = hf_loss(hidden, head, labels, softcap)
+    got = chunked_causal_lm_loss(hidden, head, labels, softcap=softcap, chunk_size=chunk, vocab_block=block)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (gw,) = torch.autograd.grad(want, hidden)
+    (gg,) = torch.autograd.grad(got, hidden)
+    torch.testing.assert_close(gg, gw, rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    S=st.integers(2, 12), V=st.integers(2, 40), chunk=st.integers(1, 30), block=st.integers(1, 45),
+    ignore_frac=st.floats(0.0, 0.9), seed=st.integers(0, 2**16), num_items=st.sampled_from([None, 7]),
+)
+def test_property_vocab_blocks_equal_hf(S, V, chunk, block, ignore_frac, seed, num_items):
+    hidden, head, labels = frozen_case(B=2, S=S, V=V, H=8, seed=seed, ignore_frac=ignore_frac)
+    labels[0, 1] = 1
+    want = hf_loss(hidden, head, labels, num_items_in_batch=num_items)
+    got = chunked_causal_lm_loss(hidden, head, labels, chunk_size=chunk, vocab_block=block,
+                                 num_items_in_batch=num_items)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_vocab_blocks_bf16_close_to_hf():
+    hidden, head, labels = frozen_case(B=2, S=16, H=32, V=300, dtype=torch.bfloat16)
+    want = hf_loss(hidden, head, labels, 3.0)
+    got = chunked_causal_lm_loss(hidden, head, labels, softcap=3.0, vocab_block=64)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    a, b = torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0]
+    assert got.dtype == want.dtype and a.dtype == torch.bfloat16
+    assert ((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
+
+
+class _HeadReads(TorchDispatchMode):
+    """How many values of ``weight``'s storage entered matrix products: the head's streaming."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.ptr, self.values = weight.untyped_storage().data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == self.ptr:
+                    self.values += a.numel()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cpu_default_streams_a_frozen_head_once(grad):
+    """A 131k-row head and 256 tokens: the CPU default read the whole head once per 64-token
+    chunk (4 times; twice that with d(hidden)); the vocabulary blocks read it once (twice: once
+    for the logits, once for d(hidden), each block while it is in cache)."""
+    V, H = 1 << 17, 8
+    hidden, head, labels = frozen_case(B=1, S=256, H=H, V=V)
+    hidden.requires_grad_(grad)
+    assert default_chunk_size(256, V) == 64  # what the token chunks would be
+    with _HeadReads(head.weight) as reads, torch.set_grad_enabled(grad):
+        loss = chunked_causal_lm_loss(hidden, head, labels)
+    assert reads.values == (2 if grad else 1) * V * H
+    with torch.no_grad():
+        want = chunked_causal_lm_loss(hidden, head, labels, chunk_size=64, vocab_block=V)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_default_tiles():
+    assert default_tiles(512, 262144) == (512, 8192)
+    assert default_tiles(100000, 262144) == (4096, 1024)  # at most 4096 tokens per tile
+    assert default_tiles(1, 262144) == (1, 262144)
+    assert default_tiles(8, 50) == (8, 50)  # never more rows than the head has
+    assert default_tiles(100000, 49152)[1] >= 256
+
+
+def test_model_evaluation_does_no_gradient_work_with_a_trainable_head():
+    """Evaluation under no_grad of a model whose lm_head requires grad (full fine-tuning, or
+    tied embeddings): no weight-sized gradient buffer, the head streamed once, the HF loss."""
+    model = tiny_model("gemma2", num_layers=1)  # tied embeddings, softcap
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids, labels=ids).loss
+    lape_kernels.patch(model)
+    head = model.lm_head
+    assert head.weight.requires_grad
+    spy = _BigTensorSpy(rows_limit=0, vocab=256, known=[head.weight])
+    with torch.no_grad(), spy, _HeadReads(head.weight) as reads:
+        got = model(ids, labels=ids).loss
+    assert [s for _, s in spy.hits if s == tuple(head.weight.shape)] == []
+    assert reads.values == head.weight.numel()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_vocab_blocks_compile_fullgraph():
+    torch._dynamo.reset()
+    hidden, head, labels = frozen_case(V=64)
+    compiled = torch.compile(lambda h: chunked_causal_lm_loss(h, head, labels, chunk_size=5, vocab_block=16),
+                             backend="aot_eager", fullgraph=True)
+    got = compiled(hidden)
+    want = hf_loss(hidden, head, labels)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0],
+                               rtol=1e-5, atol=1e-7)
