@@ -14,7 +14,10 @@ from pathlib import Path
 import lape_kernels
 if IMPORT_ALL_FIRST:
     for info in pkgutil.walk_packages(lape_kernels.__path__, "lape_kernels."):
-        importlib.import_module(info.name)
+        # per-ISA CPU kernel libraries: _C loads the one this CPU runs (an avx512 one dies with
+        # SIGILL on an avx2-only CPU, and a second one would register the kernels twice)
+        if not info.name.startswith("lape_kernels._cpu_"):
+            importlib.import_module(info.name)
 import torch
 import lape_kernels as lk
 from lape_kernels.testing import random_batch, random_neurons, tiny_model

@@ -12,7 +12,10 @@ import importlib, pkgutil, types
 import lape_kernels
 if IMPORT_ALL_FIRST:
     for info in pkgutil.walk_packages(lape_kernels.__path__, "lape_kernels."):
-        importlib.import_module(info.name)
+        # per-ISA CPU kernel libraries: _C loads the one this CPU runs (an avx512 one dies with
+        # SIGILL on an avx2-only CPU, and a second one would register the kernels twice)
+        if not info.name.startswith("lape_kernels._cpu_"):
+            importlib.import_module(info.name)
 import lape_kernels as lk
 for name in lk.__all__:
     first, second = getattr(lk, name), getattr(lk, name)
