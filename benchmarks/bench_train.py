@@ -114,7 +114,8 @@ def _experiment_setup(config: str, model, neurons, args):
     """The experiment's own setup of the method (``setup_method``, as ``lape-kernels finetune``
     runs it); the Hugging Face baselines are then unpatched, so they run HF's forward and loss."""
     import lape_kernels
-    from lape_kernels.experiment.finetune import FinetuneConfig, setup_method
+    from lape_kernels.experiment.config import FinetuneConfig
+    from lape_kernels.experiment.methods import setup_method
     from lape_kernels.introspection import mlp_shape
     from lape_kernels.neurons import NeuronSet
 

@@ -31,9 +31,12 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     import lape_kernels
     from lape_kernels import patching
     from lape_kernels.experiment.collect import collect, identify_neurons
-    from lape_kernels.experiment.common import load_corpus, load_model, now, parse_device, parse_dtype, write_json_atomic
     from lape_kernels.experiment.demo import fast_dtype
-    from lape_kernels.experiment.evaluate import language_perplexities, pack_validation
+    from lape_kernels.experiment.inputs import load_corpus, load_model, pack_validation
+    from lape_kernels.experiment.metrics import language_perplexities
+    from lape_kernels.experiment.outputs import write_json_atomic
+    from lape_kernels.experiment.progress import now
+    from lape_kernels.experiment.runtime import parse_device, parse_dtype
     from lape_kernels.neurons import deactivate, plot_heatmap
 
     languages = list(languages)
@@ -59,7 +62,7 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     corpus = load_corpus(data, languages, cache_dir=cache_dir)
     packed = pack_validation(tok, corpus, languages, seq_len, val_tokens)
     lape_kernels.patch(m)
-    from lape_kernels.experiment.common import eval_loss_chunk
+    from lape_kernels.experiment.runtime import eval_loss_chunk
     from lape_kernels.training.loss import install_chunked_loss
 
     install_chunked_loss(m, chunk_size=eval_loss_chunk(m))
@@ -196,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      val_tokens=a.val_tokens, batch_size=a.batch_size, top_rate=a.top_rate, seed=a.seed,
                      device=a.device, dtype=a.dtype, cache_dir=a.cache_dir)
     except Exception as exc:  # one line, like the CLI
-        from lape_kernels.experiment.common import one_line
+        from lape_kernels.experiment.errors import one_line
 
         print(f"ablation: error: {one_line(exc)}", file=sys.stderr)
         return 1

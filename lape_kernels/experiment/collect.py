@@ -18,25 +18,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .common import (
-    ExperimentError,
-    config_hash,
-    corpus_texts,
-    dtype_name,
-    dumps,
-    load_corpus,
-    load_model,
-    now,
-    one_line,
-    pack,
-    parse_device,
-    parse_dtype,
-    partial_path,
-    progress,
-    read_json,
-    remove_path,
-    _publish,
-)
+from .errors import ExperimentError, one_line
+from .inputs import load_corpus, load_model, pack_split
+from .outputs import config_hash, dumps, partial_path, publish, read_json, remove_path
+from .progress import now, progress
+from .runtime import dtype_name, parse_device, parse_dtype
 
 __all__ = ["collect", "load_stats", "identify_neurons", "STATS_INDEX"]
 
@@ -84,8 +70,7 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
         raise ExperimentError(f"{out_path} exists and is not a finished collection; pass --overwrite to replace it")
 
     model_obj, tokenizer = load_model(model, dt, dev, cache_dir)
-    packed = {lang: pack(tokenizer, corpus_texts(corpus, lang, "train"), seq_len, max_tokens=tokens,
-                         what=f"language {lang!r} train split") for lang in languages}
+    packed = {lang: pack_split(tokenizer, corpus, lang, "train", seq_len, tokens) for lang in languages}
     hidden = getattr(introspection.text_config(model_obj), "hidden_size", None)
 
     partial = partial_path(out_path)
@@ -159,7 +144,7 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
                           "tokens": {lang: results[lang].n_tokens for lang in languages},
                           "seconds": seconds}
         (tmp / STATS_INDEX).write_text(dumps(idx))
-        _publish(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         remove_path(tmp) if tmp.exists() else None
         raise
@@ -235,7 +220,7 @@ def identify_neurons(stats_paths: Sequence[str], out: str, *, top_rate: float = 
     try:
         if format == "reference":
             ns.save(tmp, format="reference")
-            _publish(tmp, out_path)
+            publish(tmp, out_path)
         elif suffix:
             # a pair of files: publish the tensors first, the JSON (which names them) last
             ns.save(tmp, format="lape")
@@ -250,7 +235,7 @@ def identify_neurons(stats_paths: Sequence[str], out: str, *, top_rate: float = 
             os.replace(tmp_json, final_json)
         else:
             ns.save(tmp, format="lape")
-            _publish(tmp, out_path)
+            publish(tmp, out_path)
     finally:
         for t in (tmp, tmp.with_suffix(".safetensors") if suffix else None, tmp.with_suffix(".json") if suffix else None):
             if t is not None and (t.exists() or t.is_symlink()):

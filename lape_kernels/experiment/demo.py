@@ -11,24 +11,20 @@ the measured stage times); ``--config FILE`` overrides any of them (JSON object)
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-from .common import (
-    ExperimentError,
-    corpus_texts,
-    load_corpus,
-    now,
-    partial_path,
-    read_json,
-    remove_path,
-    write_json_atomic,
-)
+from .config import FinetuneConfig
+from .errors import ExperimentError
+from .inputs import corpus_texts, load_corpus
+from .outputs import partial_path, read_json, remove_path, write_json_atomic
+from .progress import now
 
 __all__ = ["QUICK", "FULL", "TARGET_PREFERENCE", "run_demo", "choose_target", "demo_settings"]
 
@@ -127,7 +123,7 @@ def choose_target(corpus: Dict[str, Any], languages: Sequence[str], need_train: 
 
 def fast_dtype(device: str) -> str:
     """bfloat16 where the CPU (or a GPU) computes it natively, else float32."""
-    from .common import parse_device
+    from .runtime import parse_device
 
     if parse_device(device).type == "cuda":
         return "bfloat16"
@@ -148,21 +144,20 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _finetune_subprocess(args: List[str]) -> None:
-    """Each method trains in its own process: its peak memory is its own, not the demo's."""
-    cmd = [sys.executable, "-m", "lape_kernels.cli", "finetune"] + args
-    env = dict(os.environ)
-    proc = subprocess.run(cmd, env=env)
+def _finetune_subprocess(cfg: FinetuneConfig) -> None:
+    """Each method trains in its own process: its peak memory is its own, not the demo's. The
+    config travels as JSON on stdin (``python -m lape_kernels.experiment.finetune``)."""
+    cmd = [sys.executable, "-m", "lape_kernels.experiment.finetune"]
+    proc = subprocess.run(cmd, env=dict(os.environ), input=json.dumps(cfg.to_dict()), text=True)
     if proc.returncode != 0:
-        raise ExperimentError(f"finetune {' '.join(args[:6])} ... failed (exit {proc.returncode}); see above")
+        raise ExperimentError(f"finetune --method {cfg.method} --language {cfg.language} -o {cfg.out} failed "
+                              f"(exit {proc.returncode}); see above")
 
 
-def _finished_with(args: List[str]) -> bool:
-    """Is the run these finetune arguments would produce already there? (No process, no model.)"""
-    from ..cli import finetune_config
-    from .finetune import settings_hash
+def _finished(cfg: FinetuneConfig) -> bool:
+    """Is the run this config would produce already there? (No process, no model.)"""
+    from .methods import settings_hash
 
-    cfg = finetune_config(args)
     run_json = Path(cfg.out) / "run.json"
     if not run_json.exists():
         return False
@@ -176,7 +171,8 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
              fresh: bool = False, config_path: Optional[str] = None) -> Path:
     """Run the experiment; returns the path of report.md."""
     from .collect import collect, identify_neurons
-    from .evaluate import Evaluator, load_run_info
+    from .evaluate import Evaluator
+    from .runs import load_run_info
     from .report import claims, write_report
 
     cfg = demo_settings(full, config_path, model=model, languages=list(languages) if languages else None,
@@ -193,8 +189,6 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, Any] = {}  # stage -> (wall seconds, CPU seconds incl. child processes)
     t_all, c_all = now(), cpu_seconds()
-    common = ["--model", cfg["model"], "--device", device] + (["--data", data] if data else []) \
-        + (["--cache-dir", cache_dir] if cache_dir else [])
 
     _say(f"[1/6] corpus and model: {cfg['model']}, languages {' '.join(cfg['languages'])}")
     t, c = now(), cpu_seconds()
@@ -228,22 +222,18 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
     runs: Dict[str, Dict[str, Any]] = {}
     for method in cfg["methods"]:
         t, c = now(), cpu_seconds()
-        args = common + ["--language", tgt, "--method", method, "--steps", str(steps),
-                         "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"]),
-                         "--eval-every", str(eval_every), "--val-tokens", str(cfg["train_val_tokens"]),
-                         "--seed", str(cfg["seed"]), "--autocast", cfg["autocast"], "-o", str(runs_dir / method)]
-        if cfg["eval_at_start"]:
-            args.append("--eval-at-start")
-        if method in ("neurons", "random"):
-            args += ["--neurons", str(neurons_dir)]
-        if method in cfg["lr"]:
-            args += ["--lr", str(cfg["lr"][method])]
-        if _finished_with(args):
+        ft = FinetuneConfig(
+            model=cfg["model"], language=tgt, method=method, out=str(runs_dir / method), data=data or None,
+            neurons=str(neurons_dir) if method in ("neurons", "random") else None, steps=steps,
+            lr=float(cfg["lr"][method]) if method in cfg["lr"] else None, seq_len=cfg["seq_len"],
+            batch_size=cfg["batch_size"], eval_every=eval_every, eval_at_start=bool(cfg["eval_at_start"]),
+            val_tokens=cfg["train_val_tokens"], seed=cfg["seed"], device=device, autocast=cfg["autocast"],
+            cache_dir=cache_dir or None)
+        if _finished(ft):
             _say(f"      {method}: reusing {runs_dir / method} (same settings)")
         else:
-            if (runs_dir / method).exists():
-                args.append("--overwrite")  # a run with other settings: replaced
-            _finetune_subprocess(args)
+            # a run with other settings: replaced
+            _finetune_subprocess(dataclasses.replace(ft, overwrite=(runs_dir / method).exists()))
         runs[method] = load_run_info(runs_dir / method)
         timings[f"finetune {method}"] = (now() - t, cpu_seconds() - c)
 

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .common import fmt_bytes, write_atomic
+from .outputs import write_atomic
+from .progress import fmt_bytes
 
 __all__ = ["claims", "render_markdown", "write_report", "PLOTS"]
 

@@ -87,7 +87,7 @@ def test_collect_matches_direct_record(toy, pipeline):
     """The CLI's counts equal a direct `record` over the same packed rows (decoder body only)."""
     from lape_kernels import introspection, patching
     from lape_kernels.data.packing import pack_tokens
-    from lape_kernels.experiment.common import corpus_texts, load_corpus, load_model
+    from lape_kernels.experiment.inputs import corpus_texts, load_corpus, load_model
     from lape_kernels.stats import StatsByLanguage, record
 
     model, tok = load_model(toy["model"], torch.float32, torch.device("cpu"))

@@ -134,7 +134,7 @@ def test_claims_true_false_and_not_measured():
 def test_choose_target_prefers_under_resourced_with_enough_text():
     from datasets import Dataset, DatasetDict
 
-    from lape_kernels.experiment.common import ExperimentError
+    from lape_kernels.experiment.errors import ExperimentError
     from lape_kernels.experiment.demo import choose_target
 
     def dd(chars):
