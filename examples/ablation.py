@@ -53,7 +53,7 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
             batch_size=batch_size, device=device, dtype=fast_dtype(device) if collect_dtype == "fast" else collect_dtype,
             cache_dir=cache_dir, quiet=quiet)
     ns = identify_neurons([str(out_dir / "stats")], str(out_dir / "neurons"), top_rate=top_rate,
-                          filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
+                          filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio, overwrite=True)
     say("neurons: " + ", ".join(f"{l} {ns.total(l)}" for l in languages))
     plot_heatmap(ns, out_dir / "neurons_per_layer.png")
 

@@ -61,7 +61,7 @@ def _run(command: str, cfg: Any) -> int:
 
         ns = identify_neurons(cfg.stats, cfg.out, top_rate=cfg.top_rate, filter_rate=cfg.filter_rate,
                               activation_bar_ratio=cfg.activation_bar_ratio, format=cfg.format,
-                              languages=cfg.languages)
+                              languages=cfg.languages, overwrite=cfg.overwrite)
         print(per_layer_table(ns), end="")
         print("languages (file order): " + ", ".join(ns.languages))
         print(cfg.out)
@@ -72,10 +72,9 @@ def _run(command: str, cfg: Any) -> int:
         print(summary_lines(finetune(cfg), cfg))
         return 0
     if command == "eval":
-        from .experiment.evaluate import evaluate_config, write_eval
+        from .experiment.evaluate import evaluate_config
 
         result = evaluate_config(cfg)
-        write_eval(result, cfg.out)
         t = cfg.target
         line = f"{t}: ppl before {result['before']['ppl'][t]:.3f}"
         if "after" in result:

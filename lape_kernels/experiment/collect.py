@@ -14,15 +14,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..files import claim_output
 from .errors import ExperimentError, one_line
-from .inputs import load_corpus, load_model, pack_split
+from .inputs import corpus_texts, load_corpus, load_model, pack_split
 from .outputs import config_hash, dumps, partial_path, publish, read_json, remove_path
 from .progress import now, progress
 from .runtime import dtype_name, parse_device, parse_dtype
+from .safety import check_partial_inputs, damaged, input_record, reuse_complete, warn
 
 __all__ = ["collect", "load_stats", "identify_neurons", "STATS_INDEX"]
 
@@ -41,48 +43,73 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
             quiet: bool = False) -> Dict[str, Any]:
     """Count, per language, how often each MLP neuron fires on up to ``tokens`` training tokens.
 
-    Returns ``{"out": path, "languages": ..., "tokens": {lang: n}, "seconds": s}``.
+    Returns ``{"out": path, "languages": ..., "tokens": {lang: n}, "seconds": s}``. The output is
+    held for the whole run (``claim_output``: one process, never over an input or another
+    command's output without ``overwrite``); a finished output of the same settings is reused
+    only when its recorded inputs (text digests, model fingerprint) are the ones read now.
     """
-    from .. import api, introspection
-    from ..stats import ActivationStats, StatsByLanguage, record
-
     languages = list(languages)
     if tokens <= 0 or seq_len < 2 or batch_size <= 0 or save_every <= 0:
         raise ExperimentError("--tokens, --batch-size and --save-every must be positive and --seq-len >= 2")
     out_path = Path(out)
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
-    corpus = load_corpus(data, languages, cache_dir=cache_dir)
     settings = {"model": model, "data": data or "builtin", "languages": languages, "tokens": tokens,
                 "seq_len": seq_len, "dtype": dtype_name(dt)}
     digest = config_hash(settings)
-    index = out_path / STATS_INDEX
-    if index.exists():
-        meta = read_json(index)
-        if meta.get("collect", {}).get("config_hash") == digest:  # same settings: same counts
-            if not quiet:
-                print(f"{out_path}: already complete (same settings); nothing to do", file=sys.stderr)
-            return {"out": str(out_path), "languages": languages, "tokens": meta.get("collect", {}).get("tokens"),
-                    "seconds": 0.0, "cached": True}
-    if index.exists() and not overwrite:
-        raise ExperimentError(f"{out_path} exists (collected with other settings); pass --overwrite to replace it")
-    if out_path.exists() and not overwrite:
-        raise ExperimentError(f"{out_path} exists and is not a finished collection; pass --overwrite to replace it")
 
+    def same_settings(path: Path) -> Optional[str]:
+        recorded = read_json(path / STATS_INDEX).get("collect", {}) if (path / STATS_INDEX).is_file() else None
+        if recorded is None:
+            return "not a finished collection"
+        return None if recorded.get("config_hash") == digest else "collected with other settings"
+
+    with claim_output(out_path, inputs=[model, data], overwrite=overwrite, reusable=same_settings,
+                      command="collect"):
+        return _collect(model, languages, out_path, data=data, tokens=tokens, seq_len=seq_len,
+                        batch_size=batch_size, dev=dev, dt=dt, save_every=save_every, cache_dir=cache_dir,
+                        overwrite=overwrite, quiet=quiet, settings=settings, digest=digest)
+
+
+def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional[str], tokens: int, seq_len: int,
+             batch_size: int, dev: torch.device, dt: torch.dtype, save_every: int, cache_dir: Optional[str],
+             overwrite: bool, quiet: bool, settings: Dict[str, Any], digest: str) -> Dict[str, Any]:
+    """``collect`` while holding its output (see ``lape_kernels.files.claim_output``)."""
+    from .. import api, introspection
+    from ..stats import ActivationStats, StatsByLanguage, record
+
+    corpus = load_corpus(data, languages, cache_dir=cache_dir)
     model_obj, tokenizer = load_model(model, dt, dev, cache_dir)
     packed = {lang: pack_split(tokenizer, corpus, lang, "train", seq_len, tokens) for lang in languages}
+    for lang, ids in packed.items():
+        if ids.numel() < tokens:
+            warn(f"--tokens {tokens} is more than language {lang!r}'s train text holds ({ids.numel()} tokens "
+                 f"packed); counting all of it", quiet)
+    inputs = input_record(model_obj, {lang: corpus_texts(corpus, lang, "train") for lang in languages})
+    index = out_path / STATS_INDEX
+    if index.is_file() and not overwrite:  # the same settings (claim_output refused others)
+        recorded = read_json(index).get("collect", {})
+        if reuse_complete(out_path, recorded.get("inputs"), inputs, quiet=quiet):
+            return {"out": str(out_path), "languages": languages, "tokens": recorded.get("tokens"),
+                    "seconds": 0.0, "cached": True}
     hidden = getattr(introspection.text_config(model_obj), "hidden_size", None)
 
     partial = partial_path(out_path)
     if partial.exists():
         prev = partial / "config.json"
-        if not (prev.exists() and read_json(prev).get("config_hash") == digest):
-            if not overwrite:
-                raise ExperimentError(f"{partial} holds an interrupted collection with other settings; remove it "
-                                      f"or pass --overwrite")
+        try:
+            recorded = read_json(prev) if prev.exists() else {}
+        except ExperimentError as exc:
+            raise damaged(exc, partial) from None
+        if overwrite:
             remove_path(partial)
+        elif recorded.get("config_hash") != digest:
+            raise ExperimentError(f"{partial} holds an interrupted collection with other settings; pass "
+                                  f"--overwrite to start over, or delete {partial}")
+        else:
+            check_partial_inputs(partial, recorded.get("inputs"), inputs, "collection")
     partial.mkdir(parents=True, exist_ok=True)
-    (partial / "config.json").write_text(dumps({"config_hash": digest, "settings": settings}))
+    (partial / "config.json").write_text(dumps({"config_hash": digest, "settings": settings, "inputs": inputs}))
 
     api.patch(model_obj, chunked_loss=False)
     body = introspection.decoder_body(model_obj)
@@ -93,7 +120,10 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
     for i, lang in enumerate(languages):
         f = partial / f"{_stem(lang, i)}.safetensors"
         if f.exists():
-            s = ActivationStats.load(f)
+            try:
+                s = ActivationStats.load(f)
+            except (ValueError, OSError) as exc:
+                raise damaged(exc, partial) from None
             results[lang] = s
             resumed[lang] = int(s.meta.get("sequences_done", 0))
             done_tokens += resumed[lang] * seq_len
@@ -140,7 +170,7 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
     try:
         by_lang.save(tmp)
         idx = read_json(tmp / STATS_INDEX)
-        idx["collect"] = {"config_hash": digest, "settings": settings,
+        idx["collect"] = {"config_hash": digest, "settings": settings, "inputs": inputs,
                           "tokens": {lang: results[lang].n_tokens for lang in languages},
                           "seconds": seconds}
         (tmp / STATS_INDEX).write_text(dumps(idx))
@@ -201,21 +231,31 @@ def load_stats(paths: Sequence[str], languages: Optional[Sequence[str]] = None) 
 
 def identify_neurons(stats_paths: Sequence[str], out: str, *, top_rate: float = 0.01, filter_rate: float = 0.95,
                      activation_bar_ratio: float = 0.95, format: str = "lape",
-                     languages: Optional[Sequence[str]] = None, overwrite: bool = True):
-    """Run LAPE identification and write the NeuronSet atomically. Returns the NeuronSet."""
-    from ..neurons import identify
+                     languages: Optional[Sequence[str]] = None, overwrite: bool = False):
+    """Run LAPE identification and write the NeuronSet atomically. Returns the NeuronSet.
 
+    An existing output is replaced only with ``overwrite``; an output that is, is inside or
+    contains one of the statistics is refused (see ``lape_kernels.files.claim_output``)."""
     if format not in ("lape", "reference"):
         raise ExperimentError(f"--format must be lape or reference, got {format!r}")
     out_path = Path(out)
-    if out_path.exists() and not overwrite:
-        raise ExperimentError(f"{out_path} exists; pass --overwrite to replace it")
+    suffix = out_path.suffix if format == "lape" and out_path.suffix in (".json", ".safetensors") else ""
+    pair = [out_path.with_suffix(".json" if suffix == ".safetensors" else ".safetensors")] if suffix else []
+    with claim_output(out_path, inputs=stats_paths, overwrite=overwrite, is_dir=format == "lape" and not suffix,
+                      also=pair, command="identify"):
+        return _identify(stats_paths, out_path, suffix, top_rate=top_rate, filter_rate=filter_rate,
+                         activation_bar_ratio=activation_bar_ratio, format=format, languages=languages)
+
+
+def _identify(stats_paths: Sequence[str], out_path: Path, suffix: str, *, top_rate: float, filter_rate: float,
+              activation_bar_ratio: float, format: str, languages: Optional[Sequence[str]]):
+    from ..neurons import identify
+
     stats = load_stats(stats_paths, languages)
     try:
         ns = identify(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
     except (ValueError, TypeError) as exc:
         raise ExperimentError(f"identify: {one_line(exc)}") from None
-    suffix = out_path.suffix if format == "lape" and out_path.suffix in (".json", ".safetensors") else ""
     tmp = out_path.parent / f".{out_path.stem}.tmp-{os.getpid()}{suffix}"
     try:
         if format == "reference":

@@ -27,7 +27,9 @@ CONFIG_FORMAT = "lape_kernels.config"
 
 # settings that do not change a fine-tuning result (left out of the resume/identity hash)
 # (recompute: bit-identical training, only memory and time differ; tested)
-_NOT_HASHED = ("out", "stop_after_steps", "overwrite", "cache_dir", "save_every", "quiet", "recompute")
+# (allow_other_model: permits a transfer; the model's fingerprint is among the run's recorded inputs)
+_NOT_HASHED = ("out", "stop_after_steps", "overwrite", "cache_dir", "save_every", "quiet", "recompute",
+               "allow_other_model")
 
 C = TypeVar("C", bound="Config")
 
@@ -191,6 +193,11 @@ def _cache_dir() -> Any:
     return setting(None, help="where converted models / the built corpus are cached")
 
 
+def _allow_other_model(what: str) -> Any:
+    return setting(False, help=f"a deliberate transfer: accept that {what} another model than --model "
+                               f"(another fingerprint, e.g. the base model of an instruct variant)")
+
+
 def _quiet() -> Any:
     return setting(False, help="no messages on stderr (the Python interface's; the CLI reports)", cli=False)
 
@@ -229,6 +236,7 @@ class IdentifyConfig(Config):
     format: str = setting("lape", choices=("lape", "reference"),
                           help="lape: directory (or .json/.safetensors pair) with names and metadata; "
                                "reference: the LAPE reference's torch.save list[lang][layer]")
+    overwrite: bool = setting(False, help="replace an existing output")
 
 
 @dataclass
@@ -273,6 +281,7 @@ class FinetuneConfig(Config):
                                               help="checkpoint and stop after N steps (exit 3); rerunning resumes "
                                                    "(simulates an interruption)")
     overwrite: bool = setting(False, help="replace an existing output")
+    allow_other_model: bool = _allow_other_model("--neurons were identified on")
     quiet: bool = _quiet()
     recompute: str = setting("none", choices=("none", "up", "gate_up"),
                              help="neurons/random: recompute these MLP projections in backward instead of keeping "
@@ -345,12 +354,14 @@ class EvalConfig(Config):
     dtype: str = _dtype()
     autocast: str = setting("none", help="none (default: float32, so small updates stay visible), bf16, fp16")
     cache_dir: Optional[str] = _cache_dir()
+    overwrite: bool = setting(False, help="replace an existing output")
+    allow_other_model: bool = _allow_other_model("--run was trained on")
     quiet: bool = _quiet()
 
     def evaluator_settings(self) -> Dict[str, Any]:
         """The ``Evaluator`` keywords (everything but what to evaluate and where to write it)."""
         d = self.to_dict()
-        for k in ("model", "data", "languages", "target", "run", "out"):
+        for k in ("model", "data", "languages", "target", "run", "out", "overwrite", "allow_other_model"):
             d.pop(k)
         return d
 

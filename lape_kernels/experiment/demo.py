@@ -209,7 +209,7 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
     _say(f"[3/6] identify language neurons (top_rate {cfg['top_rate']})")
     t, c = now(), cpu_seconds()
     ns = identify_neurons([str(stats_dir)], str(neurons_dir), top_rate=cfg["top_rate"], filter_rate=cfg["filter_rate"],
-                          activation_bar_ratio=cfg["activation_bar_ratio"])
+                          activation_bar_ratio=cfg["activation_bar_ratio"], overwrite=True)  # the demo's own
     _say("      neurons per language: " + ", ".join(f"{l} {ns.total(l)}" for l in ns.languages))
     if ns.total(tgt) == 0:
         raise ExperimentError(f"no neurons identified for the target {tgt}; raise top_rate")

@@ -28,7 +28,9 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         text = exc.args[0]  # KeyError's str() adds quotes
     text = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    if not isinstance(exc, ExperimentError):
+    from ..files import OutputError  # its message is already for the user: path, cause, way out
+
+    if not isinstance(exc, (ExperimentError, OutputError)):
         text = f"{type(exc).__name__}: {text}"
     return text
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from ..files import claim_output
 from .config import EvalConfig
 from .errors import ExperimentError
 from .inputs import load_corpus, load_model, pack_validation, parallel_pairs
@@ -19,6 +20,7 @@ from .metrics import alignment, language_perplexities, snapshot_weights, update_
 from .outputs import write_json_atomic
 from .progress import now
 from .runs import apply_run, load_run_info
+from .safety import check_same_model
 from .runtime import autocast as amp_ctx, dtype_name, eval_loss_chunk, parse_autocast, parse_device, parse_dtype
 
 __all__ = ["EVAL_FORMAT", "Evaluator", "evaluate", "evaluate_config", "write_eval"]
@@ -101,14 +103,18 @@ class Evaluator:
             self._before = {**self._measure("before"), "settings": self.settings}
         return self._before
 
-    def after(self, run_dir: str) -> Dict[str, Any]:
-        """The EVAL.json content for one run (``before`` included)."""
+    def after(self, run_dir: str, allow_other_model: bool = False) -> Dict[str, Any]:
+        """The EVAL.json content for one run (``before`` included). A run trained on another model
+        (another fingerprint) is refused naming both, unless ``allow_other_model``."""
         info = load_run_info(Path(run_dir))
         if info.get("language") != self.target:
             raise ExperimentError(f"--run {run_dir} trained {info.get('language')!r}, but --target is {self.target!r}")
+        self._restore()
+        check_same_model(info.get("model_fingerprint"), info.get("model"), self.model, f"run {run_dir}",
+                         allow_other_model=allow_other_model)
         before = self.before()
         self._restore()
-        self.model = apply_run(self.model, Path(run_dir), info)
+        self.model = apply_run(self.model, Path(run_dir), info, allow_other_model=allow_other_model)
         norms = update_norms(self.base, self.model)
         after = self._measure(f"after {info['method']}")
         self._restore()
@@ -134,7 +140,7 @@ class Evaluator:
 
 
 def evaluate(model_spec: str, data: Optional[str], languages: Sequence[str], target: str,
-             run_dir: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+             run_dir: Optional[str] = None, allow_other_model: bool = False, **kwargs: Any) -> Dict[str, Any]:
     """Before (and, with ``run_dir``, after) perplexities, alignment and update norms: the
     EVAL.json content. ``kwargs``: the ``Evaluator`` settings."""
     if run_dir is not None:
@@ -144,12 +150,19 @@ def evaluate(model_spec: str, data: Optional[str], languages: Sequence[str], tar
     ev = Evaluator(model_spec, data, languages, target, **kwargs)
     if run_dir is None:
         return {"format": EVAL_FORMAT, "settings": ev.settings, "before": ev.before()}
-    return ev.after(run_dir)
+    return ev.after(run_dir, allow_other_model=allow_other_model)
 
 
 def evaluate_config(cfg: EvalConfig) -> Dict[str, Any]:
-    """``evaluate`` with the settings of an ``EvalConfig`` (``lape-kernels eval``)."""
-    return evaluate(cfg.model, cfg.data, cfg.languages, cfg.target, cfg.run, **cfg.evaluator_settings())
+    """``lape-kernels eval``: ``evaluate`` with the settings of an ``EvalConfig``, written to
+    ``cfg.out``, which is held for the whole command and checked before anything loads (an
+    existing file is replaced only with ``--overwrite``)."""
+    with claim_output(cfg.out, inputs=[cfg.model, cfg.data, cfg.run], overwrite=cfg.overwrite, is_dir=False,
+                      command="eval"):
+        result = evaluate(cfg.model, cfg.data, cfg.languages, cfg.target, cfg.run,
+                          allow_other_model=cfg.allow_other_model, **cfg.evaluator_settings())
+        write_eval(result, cfg.out)
+    return result
 
 
 def write_eval(result: Dict[str, Any], path: str) -> Path:

@@ -26,15 +26,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..files import claim_output
 from .config import DEFAULT_LR, METHODS, FinetuneConfig
 from .errors import ExperimentError, Interrupted
-from .inputs import load_corpus, load_model, pack_split
+from .inputs import corpus_texts, load_corpus, load_model, pack_split
 from .methods import count_parameters, settings_hash, setup_method
 from .metrics import mean_nll
 from .outputs import dumps, partial_path, publish, read_json, remove_path, write_json_atomic
 from .progress import PeakMemory, now, progress
 from .runs import (ARTIFACT_FORMAT, RUN_FORMAT, complete_run, load_checkpoint, save_artifact, save_checkpoint,
                    trainable_named_parameters)
+from .safety import check_partial_inputs, damaged, input_record, read_log, reuse_complete, warn
 from .runtime import (autocast, dtype_name, no_param_grads, parse_autocast, parse_device, parse_dtype,
                       seed_everything)
 
@@ -113,15 +115,25 @@ class _Job:
 
 
 def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
-    """Train; returns the run summary (also in ``RUN_DIR/run.json``). Resumes a partial run."""
+    """Train; returns the run summary (also in ``RUN_DIR/run.json``). Resumes a partial run.
+
+    The output is held for the whole run (``claim_output``: one process, never over an input or
+    another command's output without ``overwrite``); a finished run of the same settings is
+    reused, and a checkpoint resumed, only when the recorded inputs (text digests, the model's
+    fingerprint, the neurons) are the ones read now."""
     identity, digest, selection = settings_hash(cfg)
     out = Path(cfg.out)
-    done = complete_run(out, digest)
-    if done is not None and not cfg.overwrite:  # deterministic: the same settings give the same result
-        _say(cfg, f"{out}: already complete (same settings); nothing to do")
-        return done
-    if out.exists() and not cfg.overwrite:
-        raise ExperimentError(f"{out} exists (a run with other settings, or not a run); pass --overwrite to replace it")
+
+    def same_settings(path: Path) -> Optional[str]:
+        return None if complete_run(path, digest) is not None else "a run with other settings, or not a run"
+
+    with claim_output(out, inputs=[cfg.model, cfg.data, cfg.neurons], overwrite=cfg.overwrite,
+                      reusable=same_settings, command="finetune"):
+        return _finetune(cfg, identity, digest, selection, out)
+
+
+def _finetune(cfg: FinetuneConfig, identity: Dict[str, Any], digest: str, selection: Tuple[Any, Any],
+              out: Path) -> Dict[str, Any]:
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device, auto=torch.float32)
     amp = parse_autocast(cfg.autocast, device)
@@ -130,20 +142,36 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     model, tokenizer = load_model(cfg.model, dtype, device, cfg.cache_dir)
     train_ids = pack_split(tokenizer, corpus, cfg.language, "train", cfg.seq_len)
     val_ids = pack_split(tokenizer, corpus, cfg.language, "validation", cfg.seq_len, cfg.val_tokens)
+    if cfg.tokens is not None and cfg.tokens > train_ids.numel():
+        warn(f"--tokens {cfg.tokens} is more than language {cfg.language!r}'s train text holds "
+             f"({train_ids.numel()} tokens packed): it is repeated ({cfg.tokens / train_ids.numel():.1f} epochs)",
+             cfg.quiet)
+    inputs = input_record(model, {split: corpus_texts(corpus, cfg.language, split) for split in ("train", "validation")},
+                          neurons=identity.get("neuron_set_digest"))
+    done = None if cfg.overwrite else complete_run(out, digest)
+    if done is not None and reuse_complete(out, done.get("inputs"), inputs, quiet=cfg.quiet):
+        return done
     seed_everything(cfg.seed)
     model, info, trained_ns = setup_method(model, cfg, selection)
     info["train_digest"] = hashlib.sha256(train_ids.numpy().tobytes()).hexdigest()[:16]
+    info["model_fingerprint"] = inputs["model_fingerprint"]
+    info["inputs"] = inputs
 
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
     partial = partial_path(out)
     if partial.exists():
-        prev = partial / "config.json"
-        same = prev.exists() and read_json(prev).get("config_hash") == digest
-        if not same:
-            if not cfg.overwrite:
-                raise ExperimentError(f"{partial} holds an interrupted run with other settings; remove it or "
-                                      f"pass --overwrite")
+        if cfg.overwrite:
             remove_path(partial)
+        else:
+            prev = partial / "config.json"
+            try:
+                recorded = read_json(prev) if prev.exists() else {}
+            except ExperimentError as exc:
+                raise damaged(exc, partial) from None
+            if recorded.get("config_hash") != digest:
+                raise ExperimentError(f"{partial} holds an interrupted run with other settings; pass --overwrite to "
+                                      f"start over, or delete {partial}")
+            check_partial_inputs(partial, recorded.get("inputs"), inputs, "run")
     created = not partial.exists()
     partial.mkdir(parents=True, exist_ok=True)
     job = _Job(cfg=cfg, model=model, train_ids=train_ids, val_ids=val_ids, info=info, trained_ns=trained_ns,
@@ -172,9 +200,11 @@ def _resume(job: _Job, opt, sched) -> int:
     """The step to start from: a checkpoint's (its log trimmed to it), else 0 with a fresh log."""
     ckpt, log_path = job.partial / "checkpoint", job.partial / "log.jsonl"
     if ckpt.exists():
-        start, job.state = load_checkpoint(job.model, opt, sched, ckpt)
-        lines = log_path.read_text().splitlines() if log_path.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
+        try:
+            start, job.state = load_checkpoint(job.model, opt, sched, ckpt)
+        except (ValueError, OSError) as exc:
+            raise damaged(exc, job.partial) from None
+        kept = read_log(log_path, start, job.partial)
         log_path.write_text("".join(ln + "\n" for ln in kept))
         _say(job.cfg, f"resuming {job.cfg.method} from step {start}/{job.steps} ({ckpt})")
         return start
@@ -204,7 +234,8 @@ def _train(job: _Job) -> Dict[str, Any]:
     opt, sched = _optimizer(job, params)
     save_every = cfg.eval_every if cfg.save_every is None else cfg.save_every
 
-    (partial / "config.json").write_text(dumps({"config_hash": job.digest, "identity": job.identity}))
+    (partial / "config.json").write_text(dumps({"config_hash": job.digest, "identity": job.identity,
+                                                "inputs": job.info["inputs"]}))
     if job.trained_ns is not None and not (partial / "neurons").exists():
         job.trained_ns.save(partial / "neurons")
     ckpt = partial / "checkpoint"

@@ -18,6 +18,7 @@ from .config import FinetuneConfig
 from .errors import ExperimentError, one_line
 from .inputs import model_intermediate_size
 from .outputs import config_hash
+from .safety import check_same_model
 
 __all__ = ["neuron_selection", "settings_hash", "setup_method", "count_parameters"]
 
@@ -92,6 +93,7 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
     memory compare methods, not implementations.
     """
     from .. import api, patching
+    from ..fingerprint import model_fingerprint, model_name
     from ..neurons import NeuronSet
 
     info: Dict[str, Any] = {}
@@ -100,15 +102,20 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
         p.requires_grad_(False)
     if cfg.method in ("neurons", "random"):
         ns, per_layer = selection if selection[0] is not None else neuron_selection(cfg)
+        # identified on this model? (by fingerprint; --allow-other-model: a deliberate transfer)
+        note = check_same_model(ns.model_fingerprint, ns.model_id, model, f"--neurons {cfg.neurons}",
+                                allow_other_model=cfg.allow_other_model)
         try:
-            ns.validate(model)
+            ns.validate(model, allow_other_model=True)  # the shape (the model was checked above)
         except (ValueError, TypeError) as exc:
             raise ExperimentError(f"--neurons {cfg.neurons} does not fit the model: {one_line(exc)}") from None
         total = sum(int(t.numel()) for t in per_layer)
         trained_ns = NeuronSet({cfg.language: per_layer}, ns.num_layers, ns.intermediate_size,
-                               model_id=ns.model_id, hidden_size=ns.hidden_size,
+                               model_id=model_name(model) or ns.model_id, hidden_size=ns.hidden_size,
                                notes=[f"{cfg.method} set for {cfg.language} (seed {cfg.seed})"
-                                      if cfg.method == "random" else f"LAPE neurons of {cfg.language}"])
+                                      if cfg.method == "random" else f"LAPE neurons of {cfg.language}"]
+                               + ([note] if note else []),
+                               model_fingerprint=model_fingerprint(model))
         try:
             api.patch(model, neurons=per_layer, recompute=cfg.recompute)
         except (ValueError, TypeError, RuntimeError) as exc:

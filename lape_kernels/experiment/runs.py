@@ -15,6 +15,7 @@ Layout (built in ``.<RUN_DIR>.partial``, renamed into place when complete)::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -83,9 +84,11 @@ def save_checkpoint(model: nn.Module, opt, sched, step: int, state: Dict[str, An
 
 
 def load_checkpoint(model: nn.Module, opt, sched, path: Path) -> Tuple[int, Dict[str, Any]]:
-    from safetensors.torch import load_file
+    """Restore a resumable checkpoint into ``model``, ``opt`` and ``sched``; returns (step, loop
+    state). A file that cannot be read is a ValueError naming it and the cause."""
+    from ..files import load_safetensors
 
-    tensors = load_file(str(path / "trainable.safetensors"))
+    tensors = load_safetensors(path / "trainable.safetensors")
     named = dict(trainable_named_parameters(model))
     if set(tensors) != set(named):
         raise ExperimentError(f"checkpoint {path} does not match this run's trainable parameters "
@@ -93,13 +96,22 @@ def load_checkpoint(model: nn.Module, opt, sched, path: Path) -> Tuple[int, Dict
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(tensors[n].to(p.device, p.dtype))
-    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng_cpu"])
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of damaged files
+            warnings.simplefilter("ignore")
+            blob = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["rng_cpu"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable state: named, with its kind of failure
+        raise ValueError(f"{path / 'state.pt'}: not a checkpoint state written by lape_kernels "
+                         f"({type(exc).__name__})") from None
     if blob.get("rng_cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng_cuda"])
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path / 'state.json'}: not readable JSON ({type(exc).__name__}: {exc})") from None
     return int(blob["step"]), state
 
 
@@ -124,9 +136,11 @@ def load_run_info(run_dir: Path) -> Dict[str, Any]:
     return info
 
 
-def apply_run(model: nn.Module, run_dir: Path, info: Optional[Dict[str, Any]] = None) -> nn.Module:
+def apply_run(model: nn.Module, run_dir: Path, info: Optional[Dict[str, Any]] = None, *,
+              allow_other_model: bool = False) -> nn.Module:
     """Merge a run's best checkpoint into ``model`` (in place for neurons and weights; LoRA is
-    merged and unloaded). Returns the plain (unpatched) model."""
+    merged and unloaded). Returns the plain (unpatched) model. Saved neurons check the model's
+    fingerprint themselves (``allow_other_model``: a deliberate transfer)."""
     from .. import api, patching
 
     info = info or load_run_info(run_dir)
@@ -140,7 +154,7 @@ def apply_run(model: nn.Module, run_dir: Path, info: Optional[Dict[str, Any]] = 
         if fmt == "neurons":
             from ..training import load_neurons, merge
 
-            load_neurons(model, art)
+            load_neurons(model, art, allow_other_model=allow_other_model)
             merge(model)
         elif fmt == "lora":
             from peft import PeftModel

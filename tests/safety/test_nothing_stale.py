@@ -74,14 +74,6 @@ def test_collect_recomputes_when_the_model_changed_at_the_same_path(world, tmp_p
     assert StatsByLanguage.load(out)["aa"].equal(StatsByLanguage.load(on_b)["aa"])
 
 
-def test_collect_of_the_same_content_elsewhere_is_complete(world, tmp_path):
-    """Paths do not decide: the same text and model, moved, are the same inputs."""
-    out = tmp_path / "stats"
-    shutil.copytree(world.stats_a, out)
-    moved = world.corpus_copy(tmp_path / "moved")
-    assert "already complete" in world.ok(*world.collect_args(world.model_a, moved, out))
-
-
 def test_half_done_collect_of_changed_text_stops(world, tmp_path, monkeypatch):
     corpus = world.corpus_copy(tmp_path / "corpus")
     out = tmp_path / "stats"
@@ -118,7 +110,6 @@ def test_finetune_recomputes_when_the_text_changed(world, tmp_path):
 
 def test_run_json_records_the_digests_of_what_it_read(world):
     import lape_kernels as lk
-    from lape_kernels.experiment.toy import make_toy_setup  # noqa: F401 - the world's model maker
     from lape_kernels.neurons import NeuronSet
 
     run = json.loads((world.run_a / "run.json").read_text())
@@ -128,7 +119,7 @@ def test_run_json_records_the_digests_of_what_it_read(world):
     model_a = AutoModelForCausalLM.from_pretrained(world.model_a)
     assert inputs["model_fingerprint"] == lk.model_fingerprint(model_a) == run["model_fingerprint"]
     assert set(inputs["text"]) == {"train", "validation"} and all(len(v) == 32 for v in inputs["text"].values())
-    assert inputs["neurons"] == run["source_neuron_set_digest"]
+    assert inputs["neurons"] == run["neuron_set_digest"]
     assert NeuronSet.load(world.run_a / "neurons").model_fingerprint == inputs["model_fingerprint"]
 
 
@@ -146,8 +137,9 @@ def test_half_done_finetune_of_changed_text_stops(world, tmp_path):
     assert json.loads((out / "run.json").read_text())["steps"] == 4 and leftovers(out) == []
 
 
-def test_finetune_with_other_neurons_at_the_same_path_recomputes(world, tmp_path):
-    """The neuron set is an input by content too (its selected indices), not by path."""
+def test_finetune_with_other_neurons_at_the_same_path_is_not_reused(world, tmp_path):
+    """The neuron set is an input by content (the indices selected), not by path: a regenerated
+    set at the same path is another run (refused without --overwrite), never "already complete"."""
     from lape_kernels.neurons import NeuronSet
 
     neurons = tmp_path / "neurons"
@@ -160,6 +152,8 @@ def test_finetune_with_other_neurons_at_the_same_path_recomputes(world, tmp_path
                       model_fingerprint=ns.model_fingerprint)
     shutil.rmtree(neurons)
     fewer.save(neurons)
-    err = world.ok(*world.finetune_args(world.model_a, world.corpus, out, neurons=neurons))
-    assert "already complete" not in err
+    rc, _, err = world.main(*world.finetune_args(world.model_a, world.corpus, out, neurons=neurons))
+    assert rc == 1
+    one_line_error(err, str(out), "exists", "--overwrite")
+    world.ok(*world.finetune_args(world.model_a, world.corpus, out, "--overwrite", neurons=neurons))
     assert json.loads((out / "run.json").read_text())["neuron_count"] == fewer.total("aa")
