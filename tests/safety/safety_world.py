@@ -88,6 +88,23 @@ class World:
         out, err = p.communicate(timeout=300)
         return p.returncode, out, err
 
+    def interrupted_collect(self, args: List[str], monkeypatch) -> None:
+        """Run `collect ARGS` stopped by Ctrl-C after its first saved chunk: `.X.partial` remains."""
+        import lape_kernels.stats as st
+
+        orig, calls = st.record, {"n": 0}
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return orig(*a, **k)
+
+        monkeypatch.setattr(st, "record", flaky)
+        rc = self.main(*args)[0]
+        monkeypatch.setattr(st, "record", orig)
+        assert rc == 130
+
     def corpus_copy(self, where: Path) -> Path:
         shutil.copytree(self.corpus, where)
         return where

@@ -49,21 +49,9 @@ def test_corrupted_statistics(world, tmp_path):
 
 
 def test_corrupted_partial_of_an_interrupted_collect(world, tmp_path, monkeypatch):
-    import lape_kernels.stats as st
-
     out = tmp_path / "stats"
     args = world.collect_args(world.model_a, world.corpus, out)
-    orig, calls = st.record, {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return orig(*a, **k)
-
-    monkeypatch.setattr(st, "record", flaky)
-    assert world.main(*args)[0] == 130
-    monkeypatch.undo()
+    world.interrupted_collect(args, monkeypatch)
     saved = tmp_path / ".stats.partial" / "aa.safetensors"
     _corrupt(saved)
     rc, _, err = world.main(*args)

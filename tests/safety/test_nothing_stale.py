@@ -19,24 +19,6 @@ def _edit(corpus: Path, lang: str = "aa") -> None:
     path.write_text("\n".join(reversed(lines)) + "\n")
 
 
-def _interrupted_collect(world, args, monkeypatch):
-    """A collect stopped (KeyboardInterrupt) after its first saved chunk: `.X.partial` remains."""
-    import lape_kernels.stats as st
-
-    orig, calls = st.record, {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return orig(*a, **k)
-
-    monkeypatch.setattr(st, "record", flaky)
-    rc, _, _ = world.main(*args)
-    monkeypatch.setattr(st, "record", orig)
-    assert rc == 130
-
-
 # ----------------------------------------------------------------------------- collect
 def test_collect_recomputes_when_the_text_changed(world, tmp_path):
     from lape_kernels.stats import StatsByLanguage
@@ -78,7 +60,7 @@ def test_half_done_collect_of_changed_text_stops(world, tmp_path, monkeypatch):
     corpus = world.corpus_copy(tmp_path / "corpus")
     out = tmp_path / "stats"
     args = world.collect_args(world.model_a, corpus, out)
-    _interrupted_collect(world, args, monkeypatch)
+    world.interrupted_collect(args, monkeypatch)
     partial = tmp_path / ".stats.partial"
     assert partial.is_dir()
     _edit(corpus)
