@@ -54,6 +54,9 @@ TINY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25),
     "cohere": dict(logit_scale=0.25),
 }
+#: why a mixture-of-experts type that check_model accepts is not (yet) "supported" by this matrix
+MOE_PENDING = ("accepted by check_model; the matrix has no expert checks yet (tests/moe proves mixtral, qwen2_moe, "
+               "qwen3_moe and olmoe: logits, per-expert counts)")
 #: a "tiny" model larger than this still carries full-size towers for other modalities
 MAX_TINY_PARAMETERS = 20_000_000
 
@@ -424,9 +427,11 @@ def classify(model_type: str) -> Dict[str, Any]:
         return {"status": "untestable", "reason": f"the shrunk config still has {size / 1e6:.0f}M parameters (sizes "
                                                   "the generic shrink does not reach, e.g. towers for other modalities)"}
     try:
-        lk.check_model(model)
+        found = lk.check_model(model)
     except UnsupportedModelError as exc:
         return {"status": "refused", "reason": str(exc).replace(f"; {HOW_TO_CHECK}", "")}
+    if found.experts:  # the checks below are the dense path's
+        return {"status": "untestable", "reason": f"{found}; {MOE_PENDING}"}
     try:
         _logits(model, *_batch("left", seed=0))
     except Exception as exc:  # noqa: BLE001

@@ -28,6 +28,7 @@ from typing import Any, Callable, List, Optional, Protocol, Tuple
 import torch
 from torch import nn
 
+from .experts_forward import PatchedExpertsState, lape_experts_forward
 from .introspection import MLPFamily, UnsupportedModelError, decoder_layers, discover
 from .wrappers import describe_adapters, mlp_adapters, unsharded, unwrap
 
@@ -40,6 +41,7 @@ __all__ = [
     "unpatch",
     "is_patched",
     "patched_mlps",
+    "patched_experts",
     "observed_modules",
     "set_recorder",
     "is_recording",
@@ -71,6 +73,12 @@ class Recorder(Protocol):
 
     def accumulate(self, layer_index: int, over_zero: torch.Tensor, act_sum: torch.Tensor) -> None:
         """Add one call's ``over_zero`` int64 / ``act_sum`` float64 ``[num_langs, I]``."""
+        ...
+
+    def accumulate_experts(self, moe_index: int, over_zero: torch.Tensor, act_sum: torch.Tensor,
+                           routed: torch.Tensor) -> None:
+        """Add one experts call's ``over_zero`` / ``act_sum`` ``[num_langs, E, I_e]`` (over the
+        tokens routed to each expert) and ``routed`` int64 ``[num_langs, E]`` (``experts_forward``)."""
         ...
 
     # Model level (only when installed with ``set_recorder``; a recorder set on one MLP's
@@ -173,6 +181,8 @@ class PatchedModelState:
     observed: List[nn.Module]
     #: the patched MLP modules in layer order
     mlps: List[nn.Module]
+    #: the patched experts modules of the mixture-of-experts layers, in layer order
+    experts: List[nn.Module] = field(default_factory=list)
     #: the forward-hook handles on ``observed`` (removed by ``unpatch``)
     handles: list = field(default_factory=list)
     #: the active model-level recorder (``set_recorder``)
@@ -224,6 +234,15 @@ def patched_mlps(model: nn.Module) -> List[nn.Module]:
     return list(model._lape_model.mlps)
 
 
+def patched_experts(model: nn.Module) -> List[nn.Module]:
+    """The patched experts modules of the mixture-of-experts layers in layer order (empty for a
+    dense model; error if the model is not patched). Each has ``_lape`` (PatchedExpertsState)."""
+    model = unwrap(model)
+    if not is_patched(model):
+        raise RuntimeError("model is not patched: call lape_kernels.patch(model) first")
+    return list(model._lape_model.experts)
+
+
 def observed_modules(model: nn.Module) -> List[nn.Module]:
     """The decoder body (last) and the modules enclosing it, whose forwards a recorder set with
     :func:`set_recorder` is told about."""
@@ -242,7 +261,7 @@ def set_recorder(model: nn.Module, recorder: Optional[Recorder]) -> None:
     if recorder is not None and is_recording(model):
         raise RuntimeError("record(): this model is already being recorded (nested record() on the same model)")
     state.recorder = recorder
-    for mlp in mlps:
+    for mlp in mlps + state.experts:
         mlp._lape.recorder = recorder
 
 
@@ -254,7 +273,7 @@ def is_recording(model: nn.Module) -> bool:
     if model._lape_model.recorder is not None:
         return True
     return any(getattr(mlp, "_lape", None) is not None and mlp._lape.recorder is not None
-               for mlp in model._lape_model.mlps)
+               for mlp in model._lape_model.mlps + model._lape_model.experts)
 
 
 def check_not_recording(model: nn.Module, what: str) -> None:
@@ -306,12 +325,14 @@ def patch_mlps(model: nn.Module) -> nn.Module:
     check_no_mlp_adapters(model, "patch")
     with unsharded(model):  # FSDP2: the probe multiplies by the full weights
         found = discover(model, probe=True)
-    foreign = [m.layer_index for m in found.mlps if "forward" in m.module.__dict__]
+    modules = [m.module for m in found.mlps] + [x.module for x in found.experts]
+    foreign = [m for m in modules if "forward" in m.__dict__]
     if foreign:
-        fwd = found.mlps[foreign[0]].module.__dict__["forward"]
+        layers = [m.layer_index for m in list(found.mlps) + list(found.experts) if "forward" in m.module.__dict__]
+        fwd = foreign[0].__dict__["forward"]
         fwd = getattr(fwd, "__func__", fwd)
         raise RuntimeError(
-            f"patch: the MLPs of layers {foreign[:8]}{' ...' if len(foreign) > 8 else ''} already have an instance-level "
+            f"patch: the MLPs of layers {layers[:8]}{' ...' if len(layers) > 8 else ''} already have an instance-level "
             f"forward ({getattr(fwd, '__module__', None)}.{getattr(fwd, '__qualname__', type(fwd).__name__)}); "
             "patching would silently replace it. Patch the model before whatever set it, or remove it first"
         )
@@ -320,8 +341,13 @@ def patch_mlps(model: nn.Module) -> nn.Module:
             mlp.module._lape = PatchedMLPState(layer_index=mlp.layer_index, activation=mlp.activation,
                                                family=mlp.family)
             mlp.module.forward = types.MethodType(_lape_mlp_forward, mlp.module)
+    for moe_index, x in enumerate(found.experts):
+        if getattr(x.module, "_lape", None) is None:
+            x.module._lape = PatchedExpertsState(moe_index, x.layer_index, x.activation, x.num_experts,
+                                                 x.intermediate_size)
+            x.module.forward = types.MethodType(lape_experts_forward, x.module)
     state = PatchedModelState(observed=_ancestors(model, found.body) + [found.body],
-                              mlps=[mlp.module for mlp in found.mlps])
+                              mlps=[mlp.module for mlp in found.mlps], experts=[x.module for x in found.experts])
     for position, module in enumerate(state.observed):
         observer = _ForwardObserver(state, position)
         state.handles.append(module.register_forward_pre_hook(observer.pre, with_kwargs=True))
@@ -379,7 +405,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         return outer
     state = model.__dict__.pop("_lape_model")
-    for mlp in state.mlps:  # those patched (an adapter added since may hide them from discovery)
+    for mlp in state.mlps + state.experts:  # those patched (an adapter added since may hide them from discovery)
         if "forward" in mlp.__dict__:
             del mlp.forward
         if "_lape" in mlp.__dict__:

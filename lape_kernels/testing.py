@@ -20,11 +20,14 @@ import torch
 from torch import nn
 
 from .api import unpatch
-from .introspection import decoder_layers, family_for, mlp_modules, mlp_shape
+from .introspection import decoder_layers, discover, expert_weights, family_for, mlp_modules, mlp_shape
 from .patching import is_patched
 
 __all__ = [
     "TINY_FAMILIES",
+    "TINY_MOE_FAMILIES",
+    "expert_hook_counts",
+    "random_expert_neurons",
     "TINY_HIDDEN",
     "TINY_VOCAB",
     "PAD_ID",
@@ -46,8 +49,11 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- tiny models
 
-#: every supported family, by the transformers ``model_type`` of its causal LM
+#: every supported dense family, by the transformers ``model_type`` of its causal LM
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+#: the mixture-of-experts families (4 experts of intermediate 32, top-2; Qwen2-MoE adds a shared
+#: expert of intermediate 48 in every layer)
+TINY_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 TINY_HIDDEN = 64
 TINY_VOCAB = 256
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -59,7 +65,14 @@ _TINY_FAMILY_CONFIG = {
     # a window shorter than the test sequences, so that sliding-window attention is exercised
     "gemma2": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
     "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+    "mixtral": dict(sliding_window=None, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=48, norm_topk_prob=True),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
 }
+#: the config field holding the experts' intermediate size
+_EXPERT_INTERMEDIATE = {"mixtral": "intermediate_size", "olmoe": "intermediate_size",
+                        "qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size"}
 
 
 def tiny_config(family: str, num_layers: int = 3, intermediate: Optional[int] = None, **overrides):
@@ -69,16 +82,18 @@ def tiny_config(family: str, num_layers: int = 3, intermediate: Optional[int] = 
     fields."""
     from transformers import AutoConfig
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    if family not in TINY_FAMILIES + TINY_MOE_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES + TINY_MOE_FAMILIES}, got {family!r}")
     if intermediate is None:
-        intermediate = 96 if family == "phi3" else 128
+        intermediate = 96 if family == "phi3" else 32 if family in TINY_MOE_FAMILIES else 128
     fields = dict(
         vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=intermediate, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
     )
     fields.update(_TINY_FAMILY_CONFIG.get(family, {}))
+    if family in _EXPERT_INTERMEDIATE:
+        fields[_EXPERT_INTERMEDIATE[family]] = intermediate
     fields.update(overrides)
     config = AutoConfig.for_model(family, **fields)
     config._attn_implementation = "eager"
@@ -107,15 +122,25 @@ def _vary_signs(model: nn.Module, seed: int) -> None:
             module.weight.copy_(torch.randn(module.weight.shape, generator=g) / fan_in**0.5)
             if module.bias is not None:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-    family = family_for(model)
-    for layer in decoder_layers(model)[1]:
-        gate_w = family.weights(layer.mlp)[0]
+    def lean_rows(gate_w: torch.Tensor) -> None:
         n = gate_w.shape[0]
         lean = torch.zeros(n)
         lean[: n // 3] = 1.5
         lean[n // 3 : 2 * n // 3] = -1.5
         lean = lean[torch.randperm(n, generator=g)]
         gate_w.add_(lean[:, None] * m[None, :])
+
+    found = discover(model, probe=False)
+    for mlp in found.mlps:
+        lean_rows(mlp.family.weights(mlp.module)[0])
+    for x in found.experts:  # stacked expert weights and the routers (not nn.Linear)
+        x.module.gate_up_proj.copy_(torch.randn(x.module.gate_up_proj.shape, generator=g) / TINY_HIDDEN**0.5)
+        x.module.down_proj.copy_(torch.randn(x.module.down_proj.shape, generator=g) / x.intermediate_size**0.5)
+        for e in range(x.num_experts):
+            lean_rows(expert_weights(x.module, e)[0])
+    for name, p in model.named_parameters():
+        if name.endswith("gate.weight") and p.dim() == 2 and p.shape[1] == TINY_HIDDEN:  # MoE routers
+            p.copy_(torch.randn(p.shape, generator=g))
 
 
 def tiny_model(
@@ -126,13 +151,15 @@ def tiny_model(
     intermediate: Optional[int] = None,
     *,
     varied_signs: bool = True,
+    experts_implementation: str = "grouped_mm",
     **overrides,
 ) -> nn.Module:
     """A random-init causal LM of ``family`` (see ``tiny_config``), in eval mode.
 
     ``varied_signs``: re-initialise the weights so that activations are O(1) and activation
     probabilities span (0, 1) as in trained models (what counting and identification need);
-    False keeps transformers' own init (next-token distributions near uniform). The same
+    False keeps transformers' own init (next-token distributions near uniform).
+    ``experts_implementation``: how a MoE family runs its experts (transformers' setting). The same
     arguments give the same weights; the global RNG state is left as it was.
     """
     from transformers import AutoModelForCausalLM
@@ -143,6 +170,8 @@ def tiny_model(
         model = AutoModelForCausalLM.from_config(config)
     if varied_signs:
         _vary_signs(model, seed)
+    if family in TINY_MOE_FAMILIES:
+        model.set_experts_implementation(experts_implementation)
     return model.to(dtype).eval()
 
 
@@ -228,10 +257,7 @@ def random_neurons(num_layers: int, intermediate: int, k: Union[int, Sequence[in
 def activation_modules(model: nn.Module) -> List[nn.Module]:
     """Each decoder layer's activation module (Phi-3: ``activation_fn``, others ``act_fn``):
     where the LAPE reference hooks."""
-    mods = []
-    for layer in decoder_layers(model)[1]:
-        mlp = layer.mlp
-        mods.append(mlp.activation_fn if hasattr(mlp, "activation_fn") else mlp.act_fn)
+    mods = [m.activation_module for m in discover(model, probe=False).mlps]  # also a MoE layer's shared expert
     if len({id(m) for m in mods}) != len(mods):
         raise ValueError("activation modules are shared between layers: per-layer hooks would be ambiguous")
     return mods
@@ -335,6 +361,70 @@ def hook_counts(
         counter.token_lang = lang
         ref(input_ids=input_ids, attention_mask=attention_mask)
     return {"over_zero": counter.over_zero.cpu(), "act_sum": counter.act_sum.cpu(), "n_tokens": counter.n_tokens.cpu()}
+
+
+@torch.no_grad()
+def expert_hook_counts(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    token_lang: Optional[torch.Tensor] = None,
+    num_langs: int = 1,
+) -> Dict[str, torch.Tensor]:
+    """Per-expert LAPE statistics of one forward, recomputed independently on an UNPATCHED copy:
+    a forward pre-hook on each MoE layer's experts module takes the router's choice
+    (``top_k_index``) and the hidden states, and each expert's ``act(gate)`` is recomputed with
+    the eager loop's own GEMM (``F.linear(x, gate_up_proj[e])``) over the tokens routed to it.
+    Padding (``attention_mask == 0``) and language -1 are not counted. Returns ``over_zero``
+    int64 / ``act_sum`` float64 ``[num_langs, M, E, I]`` and ``routed`` int64 ``[num_langs, M, E]``
+    on the CPU."""
+    import torch.nn.functional as F
+
+    ref = copy.deepcopy(model)
+    if is_patched(ref):
+        unpatch(ref)
+    experts = discover(ref, probe=False).experts
+    B, S = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S, dtype=torch.int64, device=input_ids.device)
+    lang = torch.zeros(B, S, dtype=torch.int64) if token_lang is None else token_lang.cpu()
+    lang = lang[:, None].expand(B, S) if lang.dim() == 1 else lang
+    lang = torch.where(attention_mask.cpu().bool(), lang, torch.full_like(lang, -1)).reshape(-1)
+    M, E, I = len(experts), experts[0].num_experts, experts[0].intermediate_size
+    over_zero = torch.zeros(num_langs, M, E, I, dtype=torch.int64)
+    act_sum = torch.zeros(num_langs, M, E, I, dtype=torch.float64)
+    routed = torch.zeros(num_langs, M, E, dtype=torch.int64)
+
+    def hook(m: int, x):
+        def pre(module: nn.Module, args: tuple) -> None:
+            hidden, top_k_index = args[0], args[1]
+            for e in range(E):
+                tok = torch.where(top_k_index == e)[0]  # the tokens routed to expert e (each once)
+                gate = F.linear(hidden[tok], module.gate_up_proj[e]).chunk(2, dim=-1)[0]
+                act = x.activation_module(gate) if x.activation_module is not None else module.act_fn(gate)
+                tl = lang[tok.cpu()]
+                for k in range(num_langs):
+                    rows = act[(tl == k).to(act.device)].float()
+                    over_zero[k, m, e] += (rows > 0).sum(0).cpu()
+                    act_sum[k, m, e] += rows.double().sum(0).cpu()
+                    routed[k, m, e] += int((tl == k).sum())
+        return pre
+
+    handles = [x.module.register_forward_pre_hook(hook(m, x)) for m, x in enumerate(experts)]
+    try:
+        ref(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"over_zero": over_zero, "act_sum": act_sum, "routed": routed}
+
+
+def random_expert_neurons(num_moe_layers: int, num_experts: int, intermediate: int, k: int,
+                          seed: int = 0) -> List[List[torch.Tensor]]:
+    """Per MoE layer and expert, ``k`` distinct neurons (sorted int64), from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randperm(intermediate, generator=g)[:k].sort().values for _ in range(num_experts)]
+            for _ in range(num_moe_layers)]
 
 
 # ----------------------------------------------------------------------------- slice training

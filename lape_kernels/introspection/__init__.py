@@ -11,7 +11,8 @@ from __future__ import annotations
 from .activations import KERNEL_ACTIVATIONS, UnknownActivation, kernel_activation
 from .tested import COVERAGE_FILE, coverage, supported_model_types
 from .discovery import (HOW_TO_CHECK, Discovery, GatedMLP, MLPShape, decoder_body, decoder_layers, discover,
-                        family_for, mlp_modules, mlp_shape)
+                        expert_shape, family_for, mlp_modules, mlp_shape)
+from .experts import EXPERTS_IMPLEMENTATIONS, ExpertShape, ExpertsFFN, expert_weights, experts_implementation
 from .family import FUSED_LAYOUTS, MLPFamily, UnsupportedModelError
 from .model import model_shape, model_type, text_config
 from .registry import FAMILIES, family_override, register_family
@@ -43,6 +44,12 @@ __all__ = [
     "MLPShape",
     "mlp_shape",
     "model_type",
+    "ExpertsFFN",
+    "ExpertShape",
+    "expert_shape",
+    "expert_weights",
+    "experts_implementation",
+    "EXPERTS_IMPLEMENTATIONS",
 ]
 
 

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import UnknownActivation, kernel_activation
+from .experts import ExpertShape, ExpertsFFN, find_experts, prove_experts
 from .family import FUSED_LAYOUTS, MLPFamily, UnsupportedModelError
 from .model import model_type, text_config
 from .registry import family_override
 
 __all__ = ["GatedMLP", "Discovery", "discover", "decoder_layers", "decoder_body", "mlp_modules", "family_for",
-           "HOW_TO_CHECK", "MLPShape", "mlp_shape"]
+           "HOW_TO_CHECK", "MLPShape", "mlp_shape", "expert_shape"]
 
 HOW_TO_CHECK = ("check a model with lape_kernels.check_model(model); tested model types: "
                 "lape_kernels.supported_model_types()")
@@ -72,15 +73,27 @@ class Discovery:
     layers_path: str
     mlps: Tuple[GatedMLP, ...]
     probed: bool
+    #: the routed experts of the mixture-of-experts layers (empty for a dense model)
+    experts: Tuple[ExpertsFFN, ...] = ()
 
     def __str__(self) -> str:
+        moe = ""
+        if self.experts:
+            x = self.experts[0]
+            moe = (f"{len(self.experts)} mixture-of-experts layers ({x.num_experts} experts of intermediate size "
+                   f"{x.intermediate_size}, activation {x.activation}, at {x.path.rpartition('.')[2]})")
+            if not self.mlps:
+                proof = "each checked against its own forward" if self.probed else "NOT probed (meta tensors)"
+                return (f"{self.model_type or type(self.body).__name__}: {len(self.layers)} decoder layers at "
+                        f"{self.layers_path}, {moe}, {proof}")
+            moe = f"; {moe}"
         first = self.mlps[0]
         fam = first.family
         fused = f"fused {fam.gate_up_name} ({fam.fused_layout})" if fam.fused_gate_up else f"gate {fam.gate_name}, up {fam.up_name}"
         proof = "each checked against its own forward" if self.probed else "NOT probed (meta tensors)"
         return (f"{self.model_type or type(self.body).__name__}: {len(self.mlps)} decoder layers at {self.layers_path}, "
                 f"gated MLP {type(first.module).__name__} ({fused}, down {fam.down_name}, activation "
-                f"{first.activation}), {proof}")
+                f"{first.activation}){moe}, {proof}")
 
 
 # ------------------------------------------------------------------------- decoder layers
@@ -275,13 +288,42 @@ def _candidates(block: nn.Module, override: Optional[MLPFamily]) -> List[_Candid
     return out
 
 
+def _moe_children(block: nn.Module) -> List[str]:
+    return [n for n, c in block.named_children() if "attn" not in n and "attention" not in n and _is_moe(c)]
+
+
+def _pick_moe(block: nn.Module, where: str, override: Optional[MLPFamily]) -> Tuple[Optional[_Candidate], str, nn.Module]:
+    """A mixture-of-experts layer: (its dense gated MLP, e.g. Qwen2-MoE's shared expert, or None;
+    the experts' path in the block; the experts module). Refused when the experts are not the
+    stacked layout we compute."""
+    moe = _moe_children(block)
+    if len(moe) > 1:
+        raise _refuse(f"{where} has several mixture-of-experts children {moe}")
+    name = moe[0]
+    block_moe = block.get_submodule(name)
+    found = find_experts(block_moe)
+    if found is None:
+        raise _refuse(f"{where}: its feed-forward {name} ({type(block_moe).__name__}) is a mixture of experts whose "
+                      "experts are not stacked gate_up_proj [E, 2I, H] / down_proj [E, H, I] weights (not the layout "
+                      "lape_kernels computes)")
+    inner = [c for c in _candidates(block_moe, override) if c.name != found[0]]
+    outer = [c for c in _candidates(block, override) if c.name != name]
+    dense = [c for c in inner + outer if not c.problems and c.activations]
+    if len(dense) > 1:
+        raise _refuse(f"{where}: several dense gated MLPs beside the experts {[c.name for c in dense]}")
+    if dense and dense[0] in inner:
+        dense[0] = _Candidate(f"{name}.{dense[0].name}", *[getattr(dense[0], f) for f in
+                                                           ("module", "readings", "activations", "problems")])
+    return (dense[0] if dense else None), f"{name}.{found[0]}", found[1]
+
+
 def _pick(block: nn.Module, where: str, override: Optional[MLPFamily]) -> _Candidate:
     """The one gated MLP of a decoder layer (or why there is none)."""
     cands = _candidates(block, override)
-    moe = [n for n, c in block.named_children() if "attn" not in n and "attention" not in n and _is_moe(c)]
-    if moe:  # a dense (shared) MLP beside the experts is only part of the layer's FFN
+    moe = _moe_children(block)
+    if moe:
         raise _refuse(f"{where}: its feed-forward {moe[0]} ({type(block.get_submodule(moe[0])).__name__}) is a "
-                      "mixture of experts, not a dense gated MLP (expert neurons are not supported yet)")
+                      "mixture of experts")
     clean = [c for c in cands if not c.problems]
     if len(clean) > 1:
         with_act = [c for c in clean if c.activations]
@@ -413,9 +455,21 @@ def discover(model: nn.Module, probe: bool = True) -> Discovery:
     override = family_override(model)
     body, layers, path = _find_layers(model)
     found: List[GatedMLP] = []
+    experts: List[ExpertsFFN] = []
     for index, block in enumerate(layers):
         where = f"model_type {model_type(model)!r}, decoder layer {path}.{index}"
-        cand = _pick(block, f"model_type {model_type(model)!r}, {type(block).__name__} {path}.{index}", override)
+        block_where = f"model_type {model_type(model)!r}, {type(block).__name__} {path}.{index}"
+        if _moe_children(block):
+            cand, experts_path, experts_module = _pick_moe(block, block_where, override)
+            try:
+                experts.append(prove_experts(experts_module, index, f"{path}.{index}.{experts_path}", where,
+                                             probe=probe))
+            except UnsupportedModelError as exc:
+                raise _refuse(str(exc)) from None
+            if cand is None:
+                continue
+        else:
+            cand = _pick(block, block_where, override)
         if probe:
             family, kernel, act_module = _prove(cand, where)
         else:
@@ -424,9 +478,30 @@ def discover(model: nn.Module, probe: bool = True) -> Discovery:
             family, kernel = _with_act(family, act_name), (kernel_activation(act) if act is not None else "")
             act_module = act if isinstance(act, nn.Module) else None
         found.append(GatedMLP(index, f"{path}.{index}.{cand.name}", cand.module, family, kernel, act_module))
+    if experts and found and len(found) != len(layers):
+        dense = [m.layer_index for m in found]
+        raise _refuse(f"model_type {model_type(model)!r}: dense gated MLPs in decoder layers {dense} only, of "
+                      f"{len(layers)} (a dense layer beside mixture-of-experts layers without a shared expert is not "
+                      "supported yet: the dense statistics are one [layers, intermediate] array)")
+    if not found and not experts:
+        raise _refuse(f"model_type {model_type(model)!r} has no gated MLP and no experts")
     _refuse_shared(found)
-    probed = probe and not any(m.family.weights(m.module)[0].is_meta for m in found)
-    return Discovery(model_type(model), body, layers, path, tuple(found), probed)
+    _refuse_shared_experts(experts)
+    probed = probe and not any(m.family.weights(m.module)[0].is_meta for m in found) and \
+        not any(x.module.gate_up_proj.is_meta for x in experts)
+    return Discovery(model_type(model), body, layers, path, tuple(found), probed, tuple(experts))
+
+
+def _refuse_shared_experts(experts: Sequence[ExpertsFFN]) -> None:
+    seen = {}
+    for x in experts:
+        first = seen.setdefault(id(x.module), x.layer_index)
+        if first != x.layer_index:
+            raise _refuse(f"decoder layers {first} and {x.layer_index} share one experts module ({x.path})")
+    shapes = {(x.num_experts, x.intermediate_size, x.hidden_size) for x in experts}
+    if len(shapes) > 1:
+        raise _refuse(f"the experts of different layers differ in shape ([experts, intermediate, hidden] = "
+                      f"{sorted(shapes)}): expert statistics are one [layers, experts, intermediate] array")
 
 
 def _refuse_shared(mlps: Sequence[GatedMLP]) -> None:
@@ -467,12 +542,26 @@ class MLPShape(NamedTuple):
 
 def mlp_shape(model: nn.Module) -> MLPShape:
     """(layers, hidden, intermediate) read from the MLP weights of every decoder layer (patched
-    or not; by structure, no forward runs). Layers of different MLP sizes are an error:
+    or not; by structure, no forward runs); ``(0, hidden, 0)`` for a mixture-of-experts model
+    without dense MLPs (its neurons are in :func:`expert_shape`). Layers of different MLP sizes are an error:
     statistics, neuron sets and trainable slices are [layers, intermediate] arrays."""
-    mlps = discover(model, probe=False).mlps
+    found = discover(model, probe=False)
+    mlps = found.mlps
+    if not mlps:  # every layer is a mixture of experts without a dense (shared) MLP
+        return MLPShape(0, found.experts[0].hidden_size, 0)
     sizes = {tuple(m.family.weights(m.module)[0].shape) for m in mlps}
     if len(sizes) != 1:
         raise ValueError(f"the MLPs of {type(model).__name__} differ in size ([intermediate, hidden] = "
                          f"{sorted(sizes)}): one intermediate size for all layers is needed")
     intermediate, hidden = sizes.pop()
     return MLPShape(len(mlps), int(hidden), int(intermediate))
+
+
+def expert_shape(model: nn.Module) -> Optional[ExpertShape]:
+    """(MoE layer indices, experts, hidden, expert intermediate) of a model's routed experts, read
+    from their weights (by structure); None for a dense model."""
+    experts = discover(model, probe=False).experts
+    if not experts:
+        return None
+    x = experts[0]
+    return ExpertShape(tuple(e.layer_index for e in experts), x.num_experts, x.hidden_size, x.intermediate_size)

@@ -24,10 +24,11 @@ from torch import nn
 from .. import patching
 from ..dtypes import dtype_name
 from ..fingerprint import model_fingerprint
-from ..introspection import mlp_shape, text_config
+from ..introspection import expert_shape, mlp_shape, text_config
 from ..languages import check_languages
 from ..wrappers import unsharded, unwrap
 from .generation import GenerateWatch
+from .experts import ExpertStats
 from .values import ActivationStats, StatsByLanguage
 
 __all__ = ["record", "RecordingStats", "RecordingStatsByLanguage"]
@@ -90,6 +91,17 @@ class _Recorder:
                 dev = patching.weights(m)[0].device
                 self.over_zero.append(torch.zeros(self.num_langs, self.intermediate, dtype=torch.int64, device=dev))
                 self.act_sum.append(torch.zeros(self.num_langs, self.intermediate, dtype=torch.float64, device=dev))
+            self.experts = patching.patched_experts(model)
+            self.expert_shape = expert_shape(model) if self.experts else None
+            self.ex_over_zero: List[torch.Tensor] = []
+            self.ex_act_sum: List[torch.Tensor] = []
+            self.ex_routed: List[torch.Tensor] = []
+            for x in self.experts:
+                dev = x.gate_up_proj.device
+                E, I = x._lape.num_experts, x._lape.intermediate_size
+                self.ex_over_zero.append(torch.zeros(self.num_langs, E, I, dtype=torch.int64, device=dev))
+                self.ex_act_sum.append(torch.zeros(self.num_langs, E, I, dtype=torch.float64, device=dev))
+                self.ex_routed.append(torch.zeros(self.num_langs, E, dtype=torch.int64, device=dev))
             # per-language token totals (+ bucket 0 for skipped tokens), on the embeddings' device
             self.n_device = torch.zeros(self.num_langs + 1, dtype=torch.int64, device=self._input_device())
         self.n_host = [0] * self.num_langs  # fast path (no mask, one language): no device op
@@ -131,6 +143,15 @@ class _Recorder:
         acc_oz, acc_sum = self.over_zero[layer_index], self.act_sum[layer_index]
         acc_oz.add_(over_zero.to(acc_oz.device))
         acc_sum.add_(act_sum.to(acc_sum.device))
+
+    def accumulate_experts(self, moe_index: int, over_zero: torch.Tensor, act_sum: torch.Tensor,
+                           routed: torch.Tensor) -> None:
+        if _in_backward():
+            return
+        acc = self.ex_over_zero[moe_index]
+        acc.add_(over_zero.to(acc.device))
+        self.ex_act_sum[moe_index].add_(act_sum.to(acc.device))
+        self.ex_routed[moe_index].add_(routed.to(acc.device))
 
     # -- language assignment -------------------------------------------------------------------
     def set_batch_languages(self, ids: Any) -> None:
@@ -279,13 +300,24 @@ class _Recorder:
         return torch.device("cpu")
 
     # -- reading -------------------------------------------------------------------------------
-    def snapshot(self, k: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    def snapshot(self, k: int) -> Tuple[torch.Tensor, torch.Tensor, int, Optional[ExpertStats]]:
         """Language ``k``'s totals so far, as new CPU tensors (normal, not inference tensors)."""
         with torch.inference_mode(False):
-            over_zero = torch.stack([t[k].to("cpu", copy=True) for t in self.over_zero])
-            act_sum = torch.stack([t[k].to("cpu", copy=True) for t in self.act_sum])
+            if self.mlps:
+                over_zero = torch.stack([t[k].to("cpu", copy=True) for t in self.over_zero])
+                act_sum = torch.stack([t[k].to("cpu", copy=True) for t in self.act_sum])
+            else:  # a mixture-of-experts model without dense MLPs
+                over_zero = torch.zeros(0, 0, dtype=torch.int64)
+                act_sum = torch.zeros(0, 0, dtype=torch.float64)
             n = self.n_host[k] + int(self.n_device[k + 1].item())
-        return over_zero, act_sum, n
+            experts = None
+            if self.experts:
+                experts = ExpertStats(
+                    self.expert_shape.layers,
+                    torch.stack([t[k].to("cpu", copy=True) for t in self.ex_over_zero]),
+                    torch.stack([t[k].to("cpu", copy=True) for t in self.ex_act_sum]),
+                    torch.stack([t[k].to("cpu", copy=True) for t in self.ex_routed]))
+        return over_zero, act_sum, n, experts
 
     def install(self) -> None:
         patching.set_recorder(self.model, self)  # raises when another record() block is active
@@ -339,7 +371,12 @@ class RecordingStats(ActivationStats):
 
     def _refresh(self) -> None:
         if self._recorder is not None:
-            self._over_zero, self._act_sum, self._n_tokens = self._recorder.snapshot(self._k)
+            self._over_zero, self._act_sum, self._n_tokens, self._experts = self._recorder.snapshot(self._k)
+
+    @property
+    def experts(self) -> Optional[ExpertStats]:
+        self._refresh()
+        return self._experts
 
     def _finish(self) -> None:
         self._refresh()
@@ -402,7 +439,7 @@ def _meta(model: nn.Module, recorder: _Recorder, language: Optional[str], finger
         "dtype": dtype,
         "num_layers": recorder.num_layers,
         "intermediate_size": recorder.intermediate,
-        "activation": recorder.mlps[0]._lape.activation,
+        "activation": (recorder.mlps or recorder.experts)[0]._lape.activation,
         "language": language,
         "lape_kernels_version": __version__,
     }

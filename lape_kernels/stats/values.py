@@ -21,7 +21,8 @@ import torch
 
 from ..files import open_safetensors
 from ..fingerprint import check_model, check_one_model, recorded_model, unknown_note
-from ..introspection import model_shape
+from ..introspection import expert_shape, mlp_shape, model_shape
+from .experts import ExpertStats
 from ..languages import check_languages
 
 __all__ = ["ActivationStats", "StatsByLanguage", "check_same_shape", "check_same_model", "safe_file_stem"]
@@ -70,6 +71,8 @@ class ActivationStats:
         act_sum: Optional[torch.Tensor],
         n_tokens: int,
         meta: Optional[Dict[str, Any]] = None,
+        *,
+        experts: Optional[ExpertStats] = None,
     ) -> None:
         over_zero = _as_count_tensor(over_zero, "over_zero")
         if over_zero.dtype.is_floating_point or over_zero.dtype.is_complex or over_zero.dtype == torch.bool:
@@ -98,6 +101,13 @@ class ActivationStats:
             meta = {}
         if not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+        if experts is not None:
+            if not isinstance(experts, ExpertStats):
+                raise TypeError(f"experts must be an ExpertStats, got {type(experts).__name__}")
+            if experts.routed.numel() and int(experts.routed.max()) > n_tokens:
+                raise ValueError(f"experts.routed has an expert with {int(experts.routed.max())} tokens, above "
+                                 f"n_tokens={n_tokens}")
+        self._experts = experts
         self._over_zero = over_zero
         self._act_sum = act_sum
         self._n_tokens = n_tokens
@@ -115,6 +125,13 @@ class ActivationStats:
     @property
     def n_tokens(self) -> int:
         return self._n_tokens
+
+    @property
+    def experts(self) -> Optional[ExpertStats]:
+        """The routed experts' statistics of a mixture-of-experts model (None for a dense model):
+        ``layers``, ``over_zero`` / ``act_sum`` ``[len(layers), experts, intermediate]`` over
+        the tokens routed to each expert, ``routed`` ``[len(layers), experts]``."""
+        return self._experts
 
     @property
     def num_layers(self) -> int:
@@ -154,7 +171,16 @@ class ActivationStats:
         ``[layers, intermediate]`` shape, and, for a model, its fingerprint (``ModelMismatchError``
         naming both models; ``allow_other_model=True`` for a deliberate transfer). Unknown
         fingerprints are accepted (see ``notes``). Returns ``self``."""
-        num_layers, inter = model_shape(model)
+        if isinstance(model, torch.nn.Module):
+            num_layers, _, inter = mlp_shape(model)
+            ex = expert_shape(model)
+            have = None if self.experts is None else (list(self.experts.layers), list(self.experts.shape[1:]))
+            want = None if ex is None else (list(ex.layers), [ex.num_experts, ex.intermediate_size])
+            if have != want:
+                raise ValueError(f"{self._label()} have expert statistics (layers, [experts, intermediate]) {have}, "
+                                 f"the model has {want}")
+        else:
+            num_layers, inter = model_shape(model)
         if (num_layers, inter) != self.shape:
             raise ValueError(f"{self._label()} have shape [layers, intermediate] = {list(self.shape)}, "
                              f"the model has {[num_layers, inter]}")
@@ -200,7 +226,9 @@ class ActivationStats:
         for key in set(self.meta) & set(other.meta):
             if self.meta[key] != other.meta[key]:
                 del meta[key]
-        return ActivationStats(self.over_zero + other.over_zero, act_sum, self.n_tokens + other.n_tokens, meta)
+        experts = None if self.experts is None else self.experts + other.experts
+        return ActivationStats(self.over_zero + other.over_zero, act_sum, self.n_tokens + other.n_tokens, meta,
+                               experts=experts)
 
     def __radd__(self, other: Any) -> "ActivationStats":
         if isinstance(other, int) and other == 0:  # sum(shards)
@@ -226,11 +254,18 @@ class ActivationStats:
             return False
         if (self.act_sum is None) != (other.act_sum is None):
             return False
+        if (self.experts is None) != (other.experts is None) or (self.experts is not None and
+                                                                 not self.experts.equal(other.experts)):
+            return False
         return self.act_sum is None or torch.equal(self.act_sum, other.act_sum)
 
     # -- LAPE reference format -----------------------------------------------------------------
     def to_lape_dict(self) -> Dict[str, Any]:
-        """``{'n': int, 'over_zero': int64 [L, I]}``: what the LAPE reference's activation script saves."""
+        """``{'n': int, 'over_zero': int64 [L, I]}``: what the LAPE reference's activation script saves
+        (dense models only: the reference has no experts)."""
+        if self.experts is not None:
+            raise ValueError("to_lape_dict: the LAPE reference format has no experts (these statistics come from a "
+                             "mixture-of-experts model); save them with .save()")
         return {"n": self.n_tokens, "over_zero": self.over_zero.clone()}
 
     @classmethod
@@ -253,6 +288,10 @@ class ActivationStats:
         tensors = {"over_zero": self.over_zero.detach().cpu().contiguous()}
         if self.act_sum is not None:
             tensors["act_sum"] = self.act_sum.detach().cpu().contiguous()
+        extra = {}
+        if self.experts is not None:
+            tensors.update(self.experts.tensors())
+            extra["experts_layers"] = json.dumps(list(self.experts.layers))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(
@@ -263,6 +302,7 @@ class ActivationStats:
                 "version": str(_VERSION),
                 "n_tokens": str(self.n_tokens),
                 "meta": meta_json,
+                **extra,
             },
         )
 
@@ -292,9 +332,13 @@ class ActivationStats:
                 raise ValueError(f"{str(path)!r}: no 'over_zero' tensor (has {sorted(keys)})")
             over_zero = f.get_tensor("over_zero")
             act_sum = f.get_tensor("act_sum") if "act_sum" in keys else None
+            expert_tensors = {k: f.get_tensor(k) for k in keys if k.startswith("experts.")}
         try:
-            stats = cls(over_zero, act_sum, n_tokens, meta)
-        except (TypeError, ValueError) as exc:
+            experts = None
+            if "experts_layers" in md or expert_tensors:
+                experts = ExpertStats.from_tensors(json.loads(md.get("experts_layers", "null")) or [], expert_tensors)
+            stats = cls(over_zero, act_sum, n_tokens, meta, experts=experts)
+        except (TypeError, ValueError) as exc:  # json errors are ValueErrors
             raise ValueError(f"{str(path)!r}: {exc}") from None
         stats.source = str(path)
         return stats
@@ -308,6 +352,10 @@ def check_same_shape(stats: Mapping[str, ActivationStats], action: str) -> Tuple
         raise ValueError(f"cannot {action} an empty collection of ActivationStats")
     first_name, first = items[0]
     for name, other in items[1:]:
+        a, b = (None if s.experts is None else s.experts.key() for s in (first, other))
+        if a != b:
+            raise ValueError(f"cannot {action} ActivationStats with different experts ((layers, [layers, experts, "
+                             f"intermediate]) {a} vs {b}: {first_name!r} vs {name!r}; stats of different models?)")
         if other.shape != first.shape:
             a, b = first.shape, other.shape
             what = "layer counts" if a[0] != b[0] else "intermediate sizes"
