@@ -322,16 +322,9 @@ def _train(model: nn.Module, params: List[nn.Parameter], steps: int = 3) -> List
     ids, _ = _batch(None, seed=4, batch=2, seq=8)
     labels = ids.clone()
     labels[0, :2] = -100
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    from .testing import adamw_steps
+
+    return adamw_steps(model, params, ids, labels, steps=steps)
 
 
 def _live_neurons(model: nn.Module, k: int = 5) -> List[torch.Tensor]:

@@ -445,6 +445,23 @@ class _ScatterSlices(nn.Module):
         return w.index_copy(self.dim, self.index, src)
 
 
+def adamw_steps(model: nn.Module, params: Sequence[nn.Parameter], input_ids: torch.Tensor,
+                labels: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> List[float]:
+    """The paper's optimisation (AdamW with weight decay 0.01, gradients clipped to norm 1) for
+    `steps` steps on one batch: what both sides of a training-parity check run. Returns the losses."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def slice_training(model: nn.Module, neurons: Sequence[torch.Tensor]) -> List[nn.Parameter]:
     """The paper's slice training, installed in place on an UNPATCHED model: every parameter is
     frozen, and each selected neuron's gate row, up row and down column become trainable

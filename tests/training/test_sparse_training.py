@@ -16,7 +16,7 @@ import lape_kernels
 from lape_kernels import patching
 from lape_kernels.training import sparse_mlp
 from lape_kernels.testing import TINY_FAMILIES as FAMILIES
-from lape_kernels.testing import bake_slice_training, slice_training, tiny_model
+from lape_kernels.testing import adamw_steps, bake_slice_training, slice_training, tiny_model
 from lape_kernels.testing import random_neurons as _random_neurons
 from lape_kernels.training import trainable_parameters
 
@@ -91,17 +91,8 @@ def mlp_weights(model: nn.Module):
 
 
 def train_steps(model, params, steps: int = 5, lr: float = 1e-2):
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    losses = []
-    for step in range(steps):
-        ids, labels = batch(seed=0)  # the same batch: the loss must go down
-        loss = model(ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    ids, labels = batch(seed=0)  # the same batch: the loss must go down
+    return adamw_steps(model, params, ids, labels, steps=steps, lr=lr)
 
 
 # ----------------------------------------------------------------------------- (1) setup
