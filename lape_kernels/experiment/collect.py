@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..files import claim_output
-from .errors import ExperimentError, one_line
+from .errors import ExperimentError, one_line, reworded
 from .inputs import corpus_texts, load_corpus, load_model, pack_split
 from .outputs import config_hash, dumps, partial_path, publish, read_json, remove_path
 from .progress import now, progress
@@ -198,7 +198,7 @@ def load_stats(paths: Sequence[str], languages: Optional[Sequence[str]] = None) 
         raise ExperimentError("no statistics given")
     for p in paths:
         path = Path(p)
-        try:
+        with reworded(f"{path}: cannot read statistics", ValueError, TypeError, OSError, KeyError):
             if path.is_dir():
                 if not (path / STATS_INDEX).exists():
                     hint = " (an interrupted collect keeps its state in a .partial folder; rerun it)" \
@@ -211,10 +211,6 @@ def load_stats(paths: Sequence[str], languages: Optional[Sequence[str]] = None) 
                 found = {lang: s}
             else:
                 raise ExperimentError(f"{path}: no such statistics file or directory")
-        except ExperimentError:
-            raise
-        except (ValueError, TypeError, OSError, KeyError) as exc:
-            raise ExperimentError(f"{path}: cannot read statistics: {one_line(exc)}") from None
         for lang, s in found.items():
             if lang in stats:
                 raise ExperimentError(f"language {lang!r} appears in more than one statistics input")

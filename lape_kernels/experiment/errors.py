@@ -5,11 +5,12 @@ exit the same way (``Interrupted`` exits 3 so a wrapper can tell "stopped, resum
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator, Type
 
-__all__ = ["ExperimentError", "Interrupted", "one_line", "run_reporting"]
+__all__ = ["ExperimentError", "Interrupted", "one_line", "reworded", "run_reporting"]
 
 
 class ExperimentError(Exception):
@@ -33,6 +34,18 @@ def one_line(exc: BaseException) -> str:
     if not isinstance(exc, (ExperimentError, OutputError)):
         text = f"{type(exc).__name__}: {text}"
     return text
+
+
+@contextlib.contextmanager
+def reworded(prefix: str, *kinds: Type[BaseException]) -> Iterator[None]:
+    """Errors of ``kinds`` raised in the block become ``ExperimentError("<prefix>: <one line>")``
+    (the library's message, said once, with what the user gave); ``ExperimentError`` passes."""
+    try:
+        yield
+    except ExperimentError:
+        raise
+    except kinds as exc:
+        raise ExperimentError(f"{prefix}: {one_line(exc)}") from None
 
 
 def run_reporting(prog: str, work: Callable[[], int]) -> int:

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import ExperimentError, one_line
+from .errors import ExperimentError, one_line, reworded
 
 __all__ = ["load_model", "model_intermediate_size", "load_corpus", "corpus_languages", "parallel_pairs",
            "corpus_texts", "pack", "pack_split", "pack_validation", "is_builtin", "PARALLEL_FILE"]
@@ -39,12 +39,8 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, cache_dir: O
     from .. import data
     from .. import introspection
 
-    try:
+    with reworded(f"cannot load model {spec!r}", OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError):
         model, tokenizer = data.load_model(spec, dtype=dtype, device=device, cache_dir=_models_cache(cache_dir))
-    except ExperimentError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
-        raise ExperimentError(f"cannot load model {spec!r}: {one_line(exc)}") from None
     if tokenizer is None:
         raise ExperimentError(f"model {spec!r} has no tokenizer")
     try:
@@ -174,12 +170,8 @@ def load_corpus(spec: Optional[str], languages: Optional[Sequence[str]] = None,
         languages = corpus_languages(spec)
     if not is_builtin(spec) and "{lang}" not in str(spec):
         corpus_languages(spec)  # the directory must exist
-    try:
+    with reworded(f"cannot load corpus {name!r}", OSError, ValueError, KeyError, TypeError, RuntimeError):
         corpus = _read_corpus(spec, name, languages, cache_dir)
-    except ExperimentError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise ExperimentError(f"cannot load corpus {name!r}: {one_line(exc)}") from None
     if not corpus:
         raise ExperimentError(f"corpus {name!r} has no languages")
     for lang, dd in corpus.items():

@@ -50,33 +50,39 @@ def claims(evals: Mapping[str, Mapping[str, Any]]) -> List[Dict[str, Any]]:
     2. ``neurons`` changes the other languages' perplexity less than ``full``: mean over the other
        languages of ``|ppl_after / ppl_before - 1|`` is smaller for ``neurons``.
     """
+    n = evals.get("neurons")
     out = []
-    n, r, f = evals.get("neurons"), evals.get("random"), evals.get("full")
-    if n is not None and r is not None:
-        a, b = n["target_ppl_change"], r["target_ppl_change"]
-        holds = bool(a < b)
-        text = (f"target {n['settings']['target']} perplexity change: neurons {_pct(a)} "
-                f"({_num(n['before']['ppl'][n['settings']['target']])} -> {_num(n['after']['ppl'][n['settings']['target']])}) "
-                f"vs random {_pct(b)} ({_num(r['after']['ppl'][r['settings']['target']])}); "
-                f"random set size {r['run'].get('neuron_count')} = neurons {n['run'].get('neuron_count')}")
-        out.append({"claim": "neurons lowers the target language's perplexity more than random neurons of the same size",
-                    "holds": holds, "neurons": a, "random": b, "text": text})
-    else:
-        out.append({"claim": "neurons lowers the target language's perplexity more than random neurons of the same size",
-                    "holds": None, "text": "not measured (needs the neurons and random runs)"})
-    if n is not None and f is not None and n.get("other_ppl_abs_change_mean") is not None:
-        a, b = n["other_ppl_abs_change_mean"], f["other_ppl_abs_change_mean"]
-        holds = bool(a < b)
-        others = [l for l in n["settings"]["languages"] if l != n["settings"]["target"]]
-        text = (f"mean |perplexity change| over {len(others)} other languages: neurons {100 * a:.3f}% "
-                f"vs full {100 * b:.3f}% (signed means: neurons {_pct(n['other_ppl_change_mean'])}, "
-                f"full {_pct(f['other_ppl_change_mean'])})")
-        out.append({"claim": "neurons changes the other languages' perplexity less than full fine-tuning",
-                    "holds": holds, "neurons": a, "full": b, "text": text})
-    else:
-        out.append({"claim": "neurons changes the other languages' perplexity less than full fine-tuning",
-                    "holds": None, "text": "not measured (needs the neurons and full runs)"})
+    for claim, rival, key, describe in _CLAIMS:
+        r = evals.get(rival)
+        if n is None or r is None or n.get(key) is None:
+            out.append({"claim": claim, "holds": None, "text": f"not measured (needs the neurons and {rival} runs)"})
+            continue
+        a, b = n[key], r[key]
+        out.append({"claim": claim, "holds": bool(a < b), "neurons": a, rival: b, "text": describe(n, r, a, b)})
     return out
+
+
+def _target_text(n: Mapping[str, Any], r: Mapping[str, Any], a: float, b: float) -> str:
+    t = n["settings"]["target"]
+    return (f"target {t} perplexity change: neurons {_pct(a)} ({_num(n['before']['ppl'][t])} -> "
+            f"{_num(n['after']['ppl'][t])}) vs random {_pct(b)} ({_num(r['after']['ppl'][r['settings']['target']])}); "
+            f"random set size {r['run'].get('neuron_count')} = neurons {n['run'].get('neuron_count')}")
+
+
+def _others_text(n: Mapping[str, Any], f: Mapping[str, Any], a: float, b: float) -> str:
+    others = [l for l in n["settings"]["languages"] if l != n["settings"]["target"]]
+    return (f"mean |perplexity change| over {len(others)} other languages: neurons {100 * a:.3f}% "
+            f"vs full {100 * b:.3f}% (signed means: neurons {_pct(n['other_ppl_change_mean'])}, "
+            f"full {_pct(f['other_ppl_change_mean'])})")
+
+
+#: (claim, the method neurons is compared with, the figure compared (smaller holds), its text)
+_CLAIMS = (
+    ("neurons lowers the target language's perplexity more than random neurons of the same size", "random",
+     "target_ppl_change", _target_text),
+    ("neurons changes the other languages' perplexity less than full fine-tuning", "full",
+     "other_ppl_abs_change_mean", _others_text),
+)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Optional[str] = None) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import ExperimentError, one_line
+from .errors import ExperimentError, reworded
 from .outputs import dumps, publish, read_json, remove_path
 
 __all__ = ["RUN_FORMAT", "ARTIFACT_FORMAT", "trainable_named_parameters", "base_model", "save_artifact",
@@ -148,9 +148,11 @@ def apply_run(model: nn.Module, run_dir: Path, info: Optional[Dict[str, Any]] = 
     fmt = info.get("artifact_format")
     if not art.exists():
         raise ExperimentError(f"--run {run_dir}: checkpoint {art} is missing")
+    if fmt not in ("neurons", "lora", "weights"):
+        raise ExperimentError(f"--run {run_dir}: unknown artifact format {fmt!r}")
     if patching.is_patched(model):
         api.unpatch(model)
-    try:
+    with reworded(f"--run {run_dir} does not fit the model", ValueError, RuntimeError, OSError, KeyError):
         if fmt == "neurons":
             from ..training import load_neurons, merge
 
@@ -160,25 +162,24 @@ def apply_run(model: nn.Module, run_dir: Path, info: Optional[Dict[str, Any]] = 
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(art)).merge_and_unload()
-        elif fmt == "weights":
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(art / "weights.safetensors"))
-            params = dict(model.named_parameters())
-            unknown = sorted(set(tensors) - set(params))
-            if unknown:
-                raise ExperimentError(f"--run {run_dir}: weights {unknown[:3]} are not in the model (another model?)")
-            with torch.no_grad():
-                for name, t in tensors.items():
-                    p = params[name]
-                    if p.shape != t.shape:
-                        raise ExperimentError(f"--run {run_dir}: {name} has shape {tuple(t.shape)}, the model "
-                                              f"{tuple(p.shape)} (another model?)")
-                    p.copy_(t.to(p.device, p.dtype))
         else:
-            raise ExperimentError(f"--run {run_dir}: unknown artifact format {fmt!r}")
-    except ExperimentError:
-        raise
-    except (ValueError, RuntimeError, OSError, KeyError) as exc:
-        raise ExperimentError(f"--run {run_dir} does not fit the model: {one_line(exc)}") from None
+            _copy_weights(model, run_dir, art / "weights.safetensors")
     return model
+
+
+def _copy_weights(model: nn.Module, run_dir: Path, path: Path) -> None:
+    """A ``weights`` artifact's tensors copied into the model's parameters of the same names."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ExperimentError(f"--run {run_dir}: weights {unknown[:3]} are not in the model (another model?)")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            p = params[name]
+            if p.shape != t.shape:
+                raise ExperimentError(f"--run {run_dir}: {name} has shape {tuple(t.shape)}, the model "
+                                      f"{tuple(p.shape)} (another model?)")
+            p.copy_(t.to(p.device, p.dtype))
