@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -20,10 +21,71 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Type,
 
 import torch
 
-__all__ = ["open_safetensors", "load_safetensors", "not_safetensors_message", "OutputError", "lock_path",
+__all__ = ["write_atomic", "publish", "atomic_dir", "remove_path", "open_safetensors", "load_safetensors", "not_safetensors_message", "OutputError", "lock_path",
            "output_lock", "check_output", "claim_output", "text_digest", "tensors_digest"]
 
 PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------------------------
+# all-or-nothing writes (the one implementation: caches, statistics, runs, reports)
+# Why: commands are interrupted (Ctrl-C, kill -9, out of memory); a reader must find either the
+# previous file or directory or the complete new one, never half of one.
+# --------------------------------------------------------------------------------------------
+
+def write_atomic(path: PathLike, data: Union[str, bytes]) -> Path:
+    """Write ``data`` (str as UTF-8, or bytes) to ``path`` through a hidden temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def remove_path(path: PathLike) -> None:
+    """Delete a file, link or directory tree (only ever what a command itself wrote)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def publish(tmp: PathLike, final: PathLike) -> None:
+    """Rename the finished ``tmp`` onto ``final``; an old ``final`` is moved aside first and removed
+    only once the new one is in place."""
+    tmp, final = Path(tmp), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() or final.is_symlink():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        remove_path(old)
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: PathLike) -> Iterator[Path]:
+    """A scratch path beside ``final`` to write a directory into; when the block ends without an
+    error the scratch directory is published onto ``final``; on an error it is removed."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, final)
 
 
 def not_safetensors_message(path: PathLike, exc: BaseException) -> str:

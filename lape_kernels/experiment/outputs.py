@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 import torch
 
 from ..dtypes import dtype_name
+from ..files import publish, remove_path, write_atomic  # the one all-or-nothing writer
 from .errors import ExperimentError
 
 __all__ = ["partial_path", "remove_path", "publish", "write_atomic", "dumps", "write_json_atomic", "read_json",
@@ -27,41 +26,6 @@ def partial_path(path: Union[str, Path]) -> Path:
     resume state of an interrupted ``collect`` / ``finetune``)."""
     path = Path(path)
     return path.parent / f".{path.name}.partial"
-
-
-def remove_path(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` onto ``final`` (replacing an old output only now, at the very end)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() or final.is_symlink():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        remove_path(old)
-    else:
-        os.replace(tmp, final)
-
-
-def write_atomic(path: Union[str, Path], data: Union[str, bytes]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _json_default(obj: Any) -> Any:
