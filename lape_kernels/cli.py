@@ -90,13 +90,49 @@ def _run(command: str, cfg: Any) -> int:
     raise AssertionError(command)  # pragma: no cover
 
 
+#: commands that run data-parallel under ``torchrun`` / ``accelerate launch`` (README: Multi-GPU)
+DISTRIBUTED = ("collect", "finetune")
+
+
+def _run_launched(command: str, cfg: Any) -> int:
+    """``_run`` inside the process group of a distributed launch (``lape_kernels.distributed``;
+    nothing changes without one). Commands that do not split their work refuse a launch of more
+    than one process (each would do all of it and write the same output)."""
+    from . import distributed
+    from .experiment.errors import ExperimentError
+    from .experiment.runtime import parse_device
+
+    try:
+        launch = distributed.launch_env()
+        if launch is not None and launch.world_size > 1 and command not in DISTRIBUTED:
+            raise ExperimentError(f"{command} runs in one process, not under torchrun with {launch.world_size} "
+                                  f"processes (only {' and '.join(DISTRIBUTED)} split their work); run it without "
+                                  f"torchrun")
+        if launch is None or command not in DISTRIBUTED:
+            return _run(command, cfg)
+        with distributed.launched(parse_device(cfg.device)):
+            return _run(command, cfg) if distributed.is_main() else _quiet(lambda: _run(command, cfg))
+    except distributed.DistributedError as exc:
+        raise ExperimentError(str(exc)) from None
+
+
+def _quiet(work: Any) -> int:
+    """Ranks other than 0 print nothing on stdout (the output paths and summaries are rank 0's);
+    warnings and errors on stderr stay."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return work()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .experiment import config
     from .experiment.errors import run_reporting
 
     args = build_parser().parse_args(argv)
     cfg = config.from_args(getattr(config, COMMANDS[args.command][0]), args)
-    return run_reporting(f"{PROG} {args.command}", lambda: _run(args.command, cfg))
+    return run_reporting(f"{PROG} {args.command}", lambda: _run_launched(args.command, cfg))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ _AUTOCAST = {"none": None, "off": None,
 
 
 def parse_device(name: Optional[str]) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``."""
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``. Inside a
+    ``torchrun`` launch, ``auto`` / ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``."""
+    from ..distributed import device_for
+
     name = (name or "auto").strip()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -33,7 +36,7 @@ def parse_device(name: Optional[str]) -> torch.device:
         raise ExperimentError(f"--device {name}: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise ExperimentError(f"--device {name}: only cpu and cuda are supported")
-    return dev
+    return device_for(dev)
 
 
 def parse_dtype(name: Optional[str], device: torch.device, auto: Optional[torch.dtype] = None) -> torch.dtype:

@@ -246,6 +246,16 @@ class ActivationStats:
             out = out + s
         return out
 
+    def all_reduce(self, group: Any = None) -> "ActivationStats":
+        """The sum of these statistics over every process of ``group`` (the default process
+        group of ``torch.distributed``): ``over_zero``, ``act_sum``, ``n_tokens`` and the experts'
+        counts added across ranks, as a new object (``self`` unchanged) whose ``meta`` records
+        ``world_size``. Every rank must call it (a collective), with statistics of the same model
+        and shape (checked first: a mismatch raises on every rank, never a wrong sum). Without a
+        process group it returns a copy, so a user's DDP/FSDP2 loop works the same with one
+        process."""
+        return _all_reduce({None: self}, group)[None]
+
     def equal(self, other: "ActivationStats") -> bool:
         """Exact equality of counts, sums and token totals (meta ignored)."""
         if not isinstance(other, ActivationStats) or self.shape != other.shape or self.n_tokens != other.n_tokens:
@@ -431,6 +441,11 @@ class StatsByLanguage(dict):
                 merged[lang] = self[lang] if lang in self else other[lang]
         return StatsByLanguage(languages, merged)
 
+    def all_reduce(self, group: Any = None) -> "StatsByLanguage":
+        """Every language's :meth:`ActivationStats.all_reduce` in one collective per dtype
+        (the languages must be the same, in the same order, on every rank)."""
+        return StatsByLanguage(self.languages, _all_reduce({lang: self[lang] for lang in self.languages}, group))
+
     def save(self, directory: PathLike) -> None:
         """``directory/index.json`` + one ActivationStats safetensors file per language."""
         directory = Path(directory)
@@ -465,3 +480,34 @@ class StatsByLanguage(dict):
             return cls(languages, loaded)
         except ValueError as exc:  # e.g. languages of different models
             raise type(exc)(f"{str(directory)!r}: {exc}") from None
+
+
+def _all_reduce(stats: Dict[Any, ActivationStats], group: Any) -> Dict[Any, ActivationStats]:
+    """``stats`` (one language, or several) summed over the ranks of ``group`` (see
+    :meth:`ActivationStats.all_reduce`)."""
+    from .. import distributed
+
+    signature: List[int] = [len(stats)]
+    tensors: List[torch.Tensor] = []
+    for name, s in stats.items():
+        ex = s.experts
+        signature += [distributed.name_hash(None if name is None else str(name)), *s.shape,
+                      int(s.act_sum is not None), distributed.name_hash(s.model_fingerprint)]
+        signature += [-1] if ex is None else [*ex.layers, *ex.shape, int(ex.act_sum is not None)]
+        tensors += [s.over_zero, torch.tensor([s.n_tokens], dtype=torch.int64)]
+        tensors += [] if s.act_sum is None else [s.act_sum]
+        tensors += [] if ex is None else list(ex.tensors().values())
+    distributed.check_same_everywhere(signature, "statistics (languages, shapes, experts, model fingerprints)", group)
+    summed = iter(distributed.all_reduce_sum(tensors, group))
+    world = distributed.world_size(group)
+    out: Dict[Any, ActivationStats] = {}
+    for name, s in stats.items():
+        ex = s.experts
+        over_zero, n = next(summed), int(next(summed).item())
+        act_sum = None if s.act_sum is None else next(summed)
+        experts = None
+        if ex is not None:
+            keys = list(ex.tensors())
+            experts = ExpertStats.from_tensors(ex.layers, {k: next(summed) for k in keys})
+        out[name] = ActivationStats(over_zero, act_sum, n, {**s.meta, "world_size": world}, experts=experts)
+    return out
