@@ -8,20 +8,30 @@ language whose probability is above a bar.
 
 All languages' statistics must come from one model: their fingerprints (``meta``, written by
 ``record``) must agree, and the resulting set carries that fingerprint.
+
+Mixture-of-experts models: the units are the dense MLPs' neurons (a shared expert's included)
+and every (MoE layer, expert, neuron) of the routed experts, and the rule above runs once over
+all of them (``_lape_select`` on one flattened unit axis): one entropy ranking, one filter and
+one bar. An expert neuron's probability is ``over_zero / routed`` of that expert and language
+(``ExpertStats.activation_probability``: relative to the tokens the router sent to the expert),
+so it is on the dense neurons' scale ("active when computed"); an expert a language routes no
+token to has probability 0 for that language (no evidence of activity; the set's notes count
+such pairs).
 """
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..fingerprint import check_one_model, recorded_model
 from ..languages import check_languages
+from ..stats.experts import ExpertStats
 from ..stats.values import ActivationStats, check_same_shape
 from .neuron_set import NeuronSet
 
-__all__ = ["identify", "lape_probabilities"]
+__all__ = ["identify", "lape_probabilities", "expert_probabilities"]
 
 
 def _as_stats(lang: str, stats: Any) -> ActivationStats:
@@ -33,7 +43,8 @@ def _as_stats(lang: str, stats: Any) -> ActivationStats:
         elif isinstance(stats, Mapping):
             out = ActivationStats.from_lape_dict(stats)
         elif hasattr(stats, "over_zero") and hasattr(stats, "n_tokens"):
-            out = ActivationStats(stats.over_zero, None, stats.n_tokens, getattr(stats, "meta", None) or {})
+            out = ActivationStats(stats.over_zero, None, stats.n_tokens, getattr(stats, "meta", None) or {},
+                                  experts=getattr(stats, "experts", None))
         else:
             raise TypeError(f"expected ActivationStats (.over_zero, .n_tokens) or {{'n': int, 'over_zero': tensor}}, "
                             f"got {type(stats).__name__}")
@@ -41,9 +52,9 @@ def _as_stats(lang: str, stats: Any) -> ActivationStats:
         raise type(exc)(f"stats[{lang!r}]: {exc}") from None
     if out.n_tokens <= 0:
         raise ValueError(f"stats[{lang!r}]: n (tokens counted) must be > 0, got {out.n_tokens}")
-    if out.intermediate_size == 0 or out.num_layers == 0:
-        raise ValueError(f"stats[{lang!r}]: over_zero must be 2-D [layers, intermediate] and not empty, "
-                         f"got shape {tuple(out.shape)}")
+    if (out.intermediate_size == 0 or out.num_layers == 0) and (out.experts is None or out.num_layers != 0):
+        raise ValueError(f"stats[{lang!r}]: over_zero must be 2-D [layers, intermediate] and not empty (empty only "
+                         f"for a mixture-of-experts model without dense MLPs), got shape {tuple(out.shape)}")
     return out
 
 
@@ -54,9 +65,20 @@ def _check_rate(name: str, value: float) -> float:
 
 
 def lape_probabilities(stats: Mapping[str, Any]) -> torch.Tensor:
-    """float32 ``[L, I, K]`` activation probabilities ``over_zero_k / n_k`` (languages in mapping order)."""
-    over_zero, n, _ = _stack(stats)
+    """float32 ``[L, I, K]`` activation probabilities ``over_zero_k / n_k`` of the dense MLPs
+    (languages in mapping order); the experts': ``expert_probabilities``."""
+    over_zero, n, _, _ = _stack(stats)
     return _probabilities(over_zero, n)
+
+
+def expert_probabilities(stats: Mapping[str, Any]) -> torch.Tensor:
+    """float32 ``[M, E, I_e, K]``: each expert neuron's activation probability over the tokens
+    routed to its expert (``ExpertStats.activation_probability``, 0 where a language routed none),
+    languages in mapping order. An error for statistics without experts."""
+    _, _, _, experts = _stack(stats)
+    if experts is None:
+        raise ValueError("expert_probabilities: these statistics have no experts (a dense model)")
+    return torch.stack([ex.activation_probability() for ex in experts], dim=-1)
 
 
 def _probabilities(over_zero: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -76,9 +98,45 @@ def _stack(stats: Mapping[str, Any]):
     counts = [s.over_zero.detach().cpu() for s in checked.values()]  # topk on the CPU, as the reference
     ns = [s.n_tokens for s in checked.values()]
     metas = [s.meta for s in checked.values()]
+    experts: Optional[List[ExpertStats]] = None
+    if next(iter(checked.values())).experts is not None:  # check_same_shape: all or none have experts
+        experts = [s.experts for s in checked.values()]
     # Layout [L, I, K] and integer true division, exactly as the reference: float32 probabilities,
     # and the sums over languages below reduce a contiguous last dimension in the same order.
-    return torch.stack(counts, dim=-1), torch.tensor(ns, dtype=torch.int64), metas
+    return torch.stack(counts, dim=-1), torch.tensor(ns, dtype=torch.int64), metas, experts
+
+
+def _lape_select(probs: torch.Tensor, top_rate: float, filter_rate: float, activation_bar_ratio: float,
+                 units: str) -> Tuple[torch.Tensor, float, float]:
+    """The LAPE rule on float32 probabilities ``[U, K]`` (U units, K languages): (membership bool
+    ``[U, K]``, filter_value, activation_bar). See ``identify`` for the steps."""
+    num_units = probs.shape[0]
+    total = probs.numel()
+    k_filter = round(total * filter_rate)
+    k_bar = round(total * activation_bar_ratio)
+    k_select = round(num_units * top_rate)
+    if k_filter == 0 or k_bar == 0:
+        raise ValueError(f"filter_rate={filter_rate} / activation_bar_ratio={activation_bar_ratio} select no value "
+                         f"of the {total} probabilities (round(N * rate) == 0)")
+    if k_select == 0:
+        raise ValueError(f"top_rate={top_rate} selects round({units}*{top_rate}) = 0 neurons")
+
+    normed = probs / probs.sum(dim=-1, keepdim=True)
+    normed = torch.where(torch.isnan(normed), torch.zeros((), dtype=normed.dtype), normed)
+    log_normed = torch.where(normed > 0, normed.log(), torch.zeros((), dtype=normed.dtype))
+    entropy = -torch.sum(normed * log_normed, dim=-1)  # [U]
+
+    flat_probs = probs.flatten()
+    filter_value = flat_probs.kthvalue(k_filter).values.item()
+    entropy[(probs > filter_value).sum(dim=-1) == 0] = torch.inf
+
+    _, index = entropy.topk(k_select, largest=False)
+    activation_bar = flat_probs.kthvalue(k_bar).values.item()
+
+    # membership[u, k]: unit u selected and p > bar for language k
+    chosen = torch.zeros(num_units, dtype=torch.bool)
+    chosen[index] = True
+    return (probs > activation_bar) & chosen.view(num_units, 1), filter_value, activation_bar
 
 
 def identify(
@@ -109,6 +167,12 @@ def identify(
     list drops trailing languages with no neurons, which shifts nothing but loses them).
     The thresholds used are kept in ``NeuronSet.thresholds`` (``filter_value``, ``activation_bar``).
 
+    Statistics with experts (``stats[lang].experts``, a mixture-of-experts model): the units are
+    the ``L*I`` dense neurons followed by the ``M*E*I_e`` expert neurons, with the expert
+    probabilities ``over_zero / routed`` (0 where the language routed no token to the expert); all
+    steps above run once over all units (one ranking: ``N = (L*I + M*E*I_e)*K``), and the set
+    holds the selected expert neurons (``NeuronSet.experts``, ``select_experts``).
+
     Statistics of different models (different fingerprints) are refused with an error naming two
     languages and their models; statistics without a fingerprint (LAPE dicts, older files) are
     accepted and listed in the set's ``notes``.
@@ -116,42 +180,37 @@ def identify(
     top_rate = _check_rate("top_rate", top_rate)
     filter_rate = _check_rate("filter_rate", filter_rate)
     activation_bar_ratio = _check_rate("activation_bar_ratio", activation_bar_ratio)
-    over_zero, n, metas = _stack(stats)
+    over_zero, n, metas, experts = _stack(stats)
     languages = list(stats)
     fingerprint, fingerprint_name, notes = _one_model(stats, languages, metas)
     num_layers, inter, num_langs = over_zero.shape
 
-    total = over_zero.numel()
-    k_filter = round(total * filter_rate)
-    k_bar = round(total * activation_bar_ratio)
-    k_select = round(num_layers * inter * top_rate)
-    if k_filter == 0 or k_bar == 0:
-        raise ValueError(f"filter_rate={filter_rate} / activation_bar_ratio={activation_bar_ratio} select no value "
-                         f"of the {total} probabilities (round(N * rate) == 0)")
-    if k_select == 0:
-        raise ValueError(f"top_rate={top_rate} selects round({num_layers}*{inter}*{top_rate}) = 0 neurons")
+    probs = _probabilities(over_zero, n).view(num_layers * inter, num_langs)  # float32 [L*I, K]
+    units = f"{num_layers}*{inter}"
+    expert_kwargs: Dict[str, Any] = {}
+    if experts is not None:  # one ranking over dense and expert units
+        ex = experts[0]
+        expert_probs = torch.stack([x.activation_probability() for x in experts], dim=-1)  # [M, E, I_e, K]
+        probs = torch.cat([probs, expert_probs.view(-1, num_langs)])
+        units = f"({units} + {'*'.join(map(str, ex.shape))})"
+        unrouted = sum(int((x.routed == 0).sum()) for x in experts)
+        if unrouted:
+            notes.append(f"{unrouted} (MoE layer, expert, language) triples had no token routed: their neurons' "
+                         "probability is 0 for that language")
+    membership, filter_value, activation_bar = _lape_select(probs, top_rate, filter_rate, activation_bar_ratio, units)
 
-    probs = _probabilities(over_zero, n)  # float32 [L, I, K]
-    normed = probs / probs.sum(dim=-1, keepdim=True)
-    normed = torch.where(torch.isnan(normed), torch.zeros((), dtype=normed.dtype), normed)
-    log_normed = torch.where(normed > 0, normed.log(), torch.zeros((), dtype=normed.dtype))
-    entropy = -torch.sum(normed * log_normed, dim=-1)  # [L, I]
-
-    flat_probs = probs.flatten()
-    filter_value = flat_probs.kthvalue(k_filter).values.item()
-    entropy[(probs > filter_value).sum(dim=-1) == 0] = torch.inf
-
-    _, index = entropy.flatten().topk(k_select, largest=False)
-    activation_bar = flat_probs.kthvalue(k_bar).values.item()
-
-    # membership[l, i, k]: neuron (l, i) selected and p > bar for language k
-    chosen = torch.zeros(num_layers * inter, dtype=torch.bool)
-    chosen[index] = True
-    membership = (probs > activation_bar) & chosen.view(num_layers, inter, 1)
+    dense = membership[: num_layers * inter].view(num_layers, inter, num_langs)
     neurons: Dict[str, list] = {}
     for k, lang in enumerate(languages):
-        m = membership[:, :, k]
-        neurons[lang] = [torch.nonzero(m[layer], as_tuple=True)[0] for layer in range(num_layers)]
+        neurons[lang] = [torch.nonzero(dense[layer, :, k], as_tuple=True)[0] for layer in range(num_layers)]
+    if experts is not None:
+        M, E, I_e = experts[0].shape
+        moe = membership[num_layers * inter:].view(M, E, I_e, num_langs)
+        expert_kwargs = {
+            "expert_layout": (experts[0].layers, E, I_e),
+            "experts": {lang: [[torch.nonzero(moe[m, e, :, k], as_tuple=True)[0] for e in range(E)] for m in range(M)]
+                        for k, lang in enumerate(languages)},
+        }
 
     if model_id is None:
         names = {recorded_model(m)[1] for m in metas} - {None}
@@ -167,7 +226,7 @@ def identify(
             "filter_value": filter_value, "activation_bar": activation_bar,
         },
         tokens_per_language={lang: int(v) for lang, v in zip(languages, n.tolist())},
-        notes=notes, model_fingerprint=fingerprint,
+        notes=notes, model_fingerprint=fingerprint, **expert_kwargs,
     )
 
 

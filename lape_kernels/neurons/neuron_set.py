@@ -12,9 +12,6 @@ refuses another model's weights unless the transfer is explicit.
 from __future__ import annotations
 
 import json
-import pickle
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -22,65 +19,21 @@ import torch
 
 from ..files import open_safetensors
 from ..fingerprint import check_model, describe_model, model_fingerprint, model_name, unknown_note
-from ..introspection import model_shape
+from ..introspection import expert_shape, mlp_shape, model_shape
 from ..languages import check_languages
+from .indices import (ExpertLayout, PerExpert, check_expert_indices, check_layer_indices, expert_tensors,
+                      layout_of, read_expert_tensors)
+from .reference_file import NeuronSetFormatError, read_reference
 
-__all__ = ["NeuronSet", "NeuronSetFormatError", "PerLayer", "check_layer_indices"]
+__all__ = ["NeuronSet", "NeuronSetFormatError", "PerLayer", "PerExpert", "ExpertLayout", "check_layer_indices"]
 
 FORMAT_NAME = "lape_kernels.neuron_set"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # dense sets; a set with expert neurons is written as version 2 (older readers refuse it)
+FORMAT_VERSION_EXPERTS = 2
 _JSON_NAME = "neurons.json"
 _TENSORS_NAME = "neurons.safetensors"
 
 PerLayer = List[torch.Tensor]
-
-
-class NeuronSetFormatError(ValueError):
-    """A neuron-set file that is not in a format we read (or is malformed)."""
-
-
-def check_layer_indices(values: Any, where: str, intermediate_size: Optional[int] = None, *,
-                        int64_tensor: bool = False) -> Tuple[torch.Tensor, bool]:
-    """The one rule for a layer's neuron indices, wherever they enter the library (``NeuronSet``,
-    ``patch(neurons=...)``, ``deactivate``, ``load_neurons``): integers, 1-D, each in
-    ``[0, intermediate_size)`` (when known), no duplicates. ``int64_tensor``: only an int64
-    tensor is accepted (what ``patch`` documents), not a list or another integer dtype.
-
-    Returns (the indices sorted ascending, as a new CPU int64 tensor; whether the input was
-    sorted already). Errors start with ``where`` and name the offending value.
-    """
-    if isinstance(values, torch.Tensor):
-        t = values
-    elif int64_tensor:
-        raise TypeError(f"{where}: expected a torch.Tensor of int64 indices, got {type(values).__name__}")
-    elif isinstance(values, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise TypeError(f"{where}: indices must be integers, got a {type(values).__name__} "
-                            f"containing {sorted({type(v).__name__ for v in values})}")
-        t = torch.tensor(list(values), dtype=torch.int64)
-    else:
-        raise TypeError(f"{where}: expected a 1-D integer tensor (or list of ints), got {type(values).__name__}")
-    if int64_tensor and t.dtype != torch.int64:
-        raise TypeError(f"{where}: indices must be int64 (torch.long), got {t.dtype}")
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{where}: indices must have an integer dtype (int64 preferred), got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{where}: indices must be 1-D, got shape {tuple(t.shape)}")
-    t = t.detach().to(device="cpu", dtype=torch.int64, copy=True).contiguous()
-    if t.numel() == 0:
-        return t, True
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or (intermediate_size is not None and hi >= intermediate_size):
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{where}: index {bad} out of range "
-                         f"[0, {intermediate_size if intermediate_size is not None else 'inf'})")
-    was_sorted = t.numel() < 2 or bool((t[1:] > t[:-1]).all())
-    if not was_sorted:
-        t = torch.sort(t).values
-        dup = t[1:][t[1:] == t[:-1]]
-        if dup.numel():
-            raise ValueError(f"{where}: duplicate index {int(dup[0])}")
-    return t, was_sorted
 
 
 class NeuronSet:
@@ -94,6 +47,13 @@ class NeuronSet:
     it); methods that need it say so. ``model_fingerprint``: the model the set was identified in
     (``None``: unknown, e.g. a reference-format file; ``notes`` says why). ``source``: the path it
     was loaded from.
+
+    Mixture-of-experts models: ``experts`` ``{language: PerExpert}`` holds each language's expert
+    neurons, a list over the MoE layers of lists over experts of index tensors into the expert's
+    intermediate dimension, laid out as ``expert_layout`` ``(layers, num_experts,
+    intermediate_size)`` (``layers``: the decoder-layer indices of the MoE layers, as
+    ``ActivationStats.experts.layers``). ``neurons`` keeps the dense MLPs' neurons (a shared
+    expert's, e.g. Qwen2-MoE); a model with no dense MLP has ``num_layers=0`` and empty lists.
     """
 
     def __init__(
@@ -108,13 +68,20 @@ class NeuronSet:
         tokens_per_language: Optional[Mapping[str, int]] = None,
         notes: Optional[Iterable[str]] = None,
         model_fingerprint: Optional[str] = None,
+        experts: Optional[Mapping[str, Sequence[Any]]] = None,
+        expert_layout: Any = None,
     ) -> None:
         if not isinstance(neurons, Mapping):
             raise TypeError(f"neurons must be a mapping language -> per-layer indices, got {type(neurons).__name__}")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if (experts is None) != (expert_layout is None):
+            raise ValueError("experts= and expert_layout= go together (expert neurons and the MoE layers they index)")
+        self.expert_layout: Optional[ExpertLayout] = None if expert_layout is None else layout_of(expert_layout)
+        no_dense = num_layers == 0 and self.expert_layout is not None  # a MoE model without dense MLPs
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or (num_layers <= 0 and not no_dense):
+            raise ValueError(f"num_layers must be a positive int (0 only with expert neurons), got {num_layers!r}")
         if intermediate_size is not None and (
-            isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int) or intermediate_size <= 0
+            isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int)
+            or (intermediate_size <= 0 and not (no_dense and intermediate_size == 0))
         ):
             raise ValueError(f"intermediate_size must be a positive int or None, got {intermediate_size!r}")
         if hidden_size is not None and (isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0):
@@ -148,6 +115,15 @@ class NeuronSet:
             if unsorted_layers:
                 self.notes.append(f"{lang}: indices of layers {unsorted_layers} were not sorted; sorted on load")
             self._sets[lang] = per_layer
+        self._experts: Dict[str, PerExpert] = {}
+        if experts is not None:
+            if not isinstance(experts, Mapping) or list(experts) != list(neurons):
+                raise ValueError(f"experts must map the same languages as neurons, in the same order "
+                                 f"({list(neurons)}), got {list(experts) if isinstance(experts, Mapping) else type(experts).__name__}")
+            for lang, per_moe in experts.items():
+                self._experts[lang], unsorted = check_expert_indices(per_moe, f"experts[{lang!r}]", self.expert_layout)
+                if unsorted:
+                    self.notes.append(f"{lang}: expert indices of (moe layer, expert) {unsorted} were not sorted; sorted")
 
     # ------------------------------------------------------------------ access
     @property
@@ -174,14 +150,59 @@ class NeuronSet:
         return [t.clone() for t in self._get(lang)]
 
     def select(self, lang: str, device: Union[str, torch.device, None] = None) -> PerLayer:
-        """Per-layer index list for ``patch``/``deactivate`` (copies, optionally on ``device``)."""
+        """Per-layer index list of the dense MLPs for ``patch``/``deactivate`` (copies, optionally
+        on ``device``)."""
         return [t.to(device) if device is not None else t.clone() for t in self._get(lang)]
 
     def layer_counts(self, lang: str) -> List[int]:
+        """Neurons per dense MLP layer (expert neurons: ``expert_counts``)."""
         return [int(t.numel()) for t in self._get(lang)]
 
     def total(self, lang: str) -> int:
-        return sum(self.layer_counts(lang))
+        """All of ``lang``'s neurons: the dense MLPs' and the experts'."""
+        return sum(self.layer_counts(lang)) + (int(self.expert_counts(lang).sum()) if self.has_experts else 0)
+
+    # ---------------------------------------------------------- expert neurons
+    @property
+    def has_experts(self) -> bool:
+        """Whether the set holds expert neurons (made for a mixture-of-experts model)."""
+        return self.expert_layout is not None
+
+    @property
+    def expert_layers(self) -> Tuple[int, ...]:
+        """Decoder-layer indices of the MoE layers (``()`` for a dense set)."""
+        return () if self.expert_layout is None else self.expert_layout.layers
+
+    @property
+    def experts(self) -> Dict[str, PerExpert]:
+        """``{language: [[indices of expert e of MoE layer m] for e] for m]}`` (copies; ``{}`` for a
+        dense set)."""
+        return {lang: [[t.clone() for t in row] for row in per] for lang, per in self._experts.items()}
+
+    def select_experts(self, lang: str, device: Union[str, torch.device, None] = None) -> PerExpert:
+        """``lang``'s expert neurons, a list over MoE layers of lists over experts of sorted int64
+        tensors, for ``patch(expert_neurons=...)`` / ``deactivate(expert_neurons=...)``."""
+        self._get(lang)
+        if not self.has_experts:
+            raise ValueError("this neuron set has no expert neurons (made for a dense model)")
+        return [[t.to(device) if device is not None else t.clone() for t in row] for row in self._experts[lang]]
+
+    def expert_counts(self, lang: str) -> torch.Tensor:
+        """int64 ``[MoE layers, experts]``: ``lang``'s neurons per expert (the heat map's values)."""
+        self._get(lang)
+        if not self.has_experts:
+            raise ValueError("this neuron set has no expert neurons (made for a dense model)")
+        return torch.tensor([[t.numel() for t in row] for row in self._experts[lang]], dtype=torch.int64)
+
+    @property
+    def num_units(self) -> Optional[int]:
+        """Neurons the set chooses from: dense ``num_layers * intermediate_size`` plus
+        ``MoE layers * experts * expert intermediate`` (None when ``intermediate_size`` is unknown)."""
+        if self.intermediate_size is None:
+            return None
+        lay = self.expert_layout
+        return self.num_layers * self.intermediate_size + (0 if lay is None else
+                                                           len(lay.layers) * lay.num_experts * lay.intermediate_size)
 
     def __eq__(self, other: object) -> bool:
         """Same languages (in order), shape and indices; metadata is not compared."""
@@ -191,14 +212,20 @@ class NeuronSet:
             self.languages == other.languages
             and self.num_layers == other.num_layers
             and self.intermediate_size == other.intermediate_size
+            and self.expert_layout == other.expert_layout
             and all(torch.equal(a, b) for lang in self._sets for a, b in zip(self._sets[lang], other._sets[lang]))
+            and all(torch.equal(a, b) for lang in self._experts
+                    for ra, rb in zip(self._experts[lang], other._experts[lang]) for a, b in zip(ra, rb))
         )
 
     __hash__ = None  # mutable metadata; not hashable
 
     def __repr__(self) -> str:
         totals = ", ".join(f"{lang}={self.total(lang)}" for lang in self._sets)
-        return (f"NeuronSet(num_layers={self.num_layers}, intermediate_size={self.intermediate_size}, "
+        lay = self.expert_layout
+        moe = "" if lay is None else (f", moe_layers={list(lay.layers)}, num_experts={lay.num_experts}, "
+                                      f"expert_intermediate_size={lay.intermediate_size}")
+        return (f"NeuronSet(num_layers={self.num_layers}, intermediate_size={self.intermediate_size}{moe}, "
                 f"model_id={self.model_id!r}, totals: {totals})")
 
     # ---------------------------------------------------------------- set ops
@@ -211,7 +238,7 @@ class NeuronSet:
         return langs
 
     def union(self, langs: Union[str, Iterable[str]]) -> PerLayer:
-        """Per layer, the neurons selected for any of ``langs`` (sorted, unique)."""
+        """Per dense layer, the neurons selected for any of ``langs`` (sorted, unique)."""
         langs = self._langs(langs)
         out = []
         for li in range(self.num_layers):
@@ -219,7 +246,7 @@ class NeuronSet:
         return out
 
     def intersection(self, langs: Union[str, Iterable[str]]) -> PerLayer:
-        """Per layer, the neurons selected for every one of ``langs`` (sorted)."""
+        """Per dense layer, the neurons selected for every one of ``langs`` (sorted)."""
         langs = self._langs(langs)
         out = []
         for li in range(self.num_layers):
@@ -230,13 +257,18 @@ class NeuronSet:
         return out
 
     def overlap(self) -> torch.Tensor:
-        """int64 ``[K, K]``: entry (a, b) = neurons shared by languages a and b (diagonal = totals)."""
+        """int64 ``[K, K]``: entry (a, b) = neurons (dense and expert) shared by languages a and b
+        (diagonal = totals)."""
         langs = self.languages
         k = len(langs)
         out = torch.zeros(k, k, dtype=torch.int64)
         for a in range(k):
             for b in range(a, k):
                 n = sum(int(torch.isin(x, y).sum()) for x, y in zip(self._sets[langs[a]], self._sets[langs[b]]))
+                if self.has_experts:
+                    n += sum(int(torch.isin(x, y).sum()) for ra, rb in zip(self._experts[langs[a]],
+                                                                           self._experts[langs[b]])
+                             for x, y in zip(ra, rb))
                 out[a, b] = out[b, a] = n
         return out
 
@@ -258,7 +290,7 @@ class NeuronSet:
         return self.trainable_params(lang, hidden_size) / total_params
 
     def random_like(self, lang: str, seed: int, mode: str = "per_layer") -> PerLayer:
-        """A random baseline the size of ``lang``'s set (sorted per-layer index tensors).
+        """A random baseline the size of ``lang``'s dense set (sorted per-layer index tensors).
 
         ``per_layer``: the same count in each layer, drawn uniformly without replacement within
         the layer. ``total``: the same total, drawn uniformly without replacement over all
@@ -290,11 +322,16 @@ class NeuronSet:
         ``model``: a HF model or config (``num_hidden_layers`` / ``intermediate_size``, taken
         from ``text_config`` for multimodal Gemma 3), or pass the numbers. Returns ``self``.
         Indices are already known to be int64, unique and sorted (checked on construction).
+        A set with expert neurons needs a model (its MLP and expert weights are read, by
+        structure), and the model's MoE layers and expert shape must be the set's.
         """
         if model is not None:
             if num_layers is not None or intermediate_size is not None:
                 raise ValueError("pass either a model/config or num_layers/intermediate_size, not both")
-            num_layers, intermediate_size = model_shape(model)
+            if self.has_experts:
+                num_layers, intermediate_size = self._check_experts_fit(model)
+            else:
+                num_layers, intermediate_size = model_shape(model)
         if num_layers is None and intermediate_size is None:
             raise ValueError("validate needs a model/config or num_layers= / intermediate_size=")
         if num_layers is not None and num_layers != self.num_layers:
@@ -313,6 +350,23 @@ class NeuronSet:
                                 "neurons=neuron_set.transfer_to(model)")
         return self
 
+    def _check_experts_fit(self, model: Any) -> Tuple[int, int]:
+        """(dense layers, dense intermediate size) of ``model``, after checking its experts are
+        laid out as this set's."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{self._label()} has expert neurons: validate it against the model (its weights are "
+                            f"read), not a {type(model).__name__}")
+        ex, lay = expert_shape(model), self.expert_layout
+        have = None if ex is None else ExpertLayout(tuple(ex.layers), ex.num_experts, ex.intermediate_size)
+        if have != lay:
+            raise ValueError(f"{self._label()} has expert neurons for MoE layers {list(lay.layers)} of {lay.num_experts} "
+                             f"experts of intermediate size {lay.intermediate_size}; the model has "
+                             + ("no mixture-of-experts layers" if have is None else
+                                f"MoE layers {list(have.layers)} of {have.num_experts} experts of intermediate size "
+                                f"{have.intermediate_size}"))
+        shape = mlp_shape(model)
+        return shape.num_layers, shape.intermediate_size
+
     def _label(self) -> str:
         return f"neuron set {self.source}" if self.source else "this neuron set"
 
@@ -329,18 +383,30 @@ class NeuronSet:
         copy = NeuronSet(self._sets, self.num_layers, self.intermediate_size, model_id=name,
                          hidden_size=self.hidden_size, thresholds=self.thresholds,
                          tokens_per_language=self.tokens_per_language, notes=self.notes + [note],
-                         model_fingerprint=target)
+                         model_fingerprint=target, **self._expert_kwargs())
         copy.source = self.source
         return copy
+
+    def _expert_kwargs(self) -> Dict[str, Any]:
+        if not self.has_experts:
+            return {}
+        return {"experts": self._experts, "expert_layout": self.expert_layout}
 
     # ------------------------------------------------------------------- save
     def save(self, path: Union[str, Path], format: str = "lape") -> Path:
         """Write the set. ``format="lape"``: our format; ``path`` is a directory (created) holding
         ``neurons.safetensors`` + ``neurons.json``, or a ``*.safetensors`` file with a ``*.json``
         beside it. ``format="reference"``: the LAPE reference format, ``torch.save`` of
-        ``list[language][layer]`` int64 tensors (names and metadata are lost). Returns the path
-        written (directory, safetensors file, or reference file)."""
+        ``list[language][layer]`` int64 tensors (names and metadata are lost; dense sets only: the
+        format has no experts). Returns the path written (directory, safetensors file, or
+        reference file). A set with expert neurons adds ``experts.indices.{k}`` /
+        ``experts.offsets.{k}`` (offsets over MoE layer x expert, layer-major) and the JSON
+        ``experts`` layout, as format version 2."""
         path = Path(path)
+        if format == "reference" and self.has_experts:
+            raise ValueError(f"the LAPE reference format (list[language][layer]) has no expert neurons; this set has "
+                             f"{sum(int(self.expert_counts(l).sum()) for l in self._sets)} in MoE layers "
+                             f"{list(self.expert_layers)}: save it with format='lape'")
         if format == "reference":
             path.parent.mkdir(parents=True, exist_ok=True)
             # clone: a view would drag its whole storage into the file
@@ -355,12 +421,15 @@ class NeuronSet:
         for k, lang in enumerate(self._sets):
             layers = self._sets[lang]
             counts = torch.tensor([0] + [t.numel() for t in layers], dtype=torch.int64)
-            tensors[f"indices.{k}"] = torch.cat(layers).contiguous()
+            tensors[f"indices.{k}"] = torch.cat(layers or [torch.empty(0, dtype=torch.int64)]).contiguous()
             tensors[f"offsets.{k}"] = torch.cumsum(counts, 0)
-        save_file(tensors, str(tensors_path), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+            if self.has_experts:
+                tensors.update(expert_tensors(k, self._experts[lang]))
+        version = FORMAT_VERSION_EXPERTS if self.has_experts else FORMAT_VERSION
+        save_file(tensors, str(tensors_path), metadata={"format": FORMAT_NAME, "format_version": str(version)})
         meta = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "languages": self.languages,
             "num_layers": self.num_layers,
             "intermediate_size": self.intermediate_size,
@@ -373,6 +442,8 @@ class NeuronSet:
             "notes": self.notes,
             "tensors": tensors_path.name,
         }
+        if self.has_experts:
+            meta["experts"] = self.expert_layout.to_json()
         json_path.write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -406,71 +477,14 @@ class NeuronSet:
             if intermediate_size is not None:
                 ns.validate(intermediate_size=intermediate_size)
             return ns
-        ns = cls._load_reference(path, languages, intermediate_size, model_id)
+        sets, num_layers, notes = read_reference(path, languages)
+        try:
+            ns = cls(sets, num_layers, intermediate_size, model_id=model_id, notes=notes)
+        except (TypeError, ValueError) as exc:
+            raise NeuronSetFormatError(f"{path}: {exc}") from None
         ns.source = str(path)
         ns.notes.append(unknown_note(f"neuron set {path}", "the LAPE reference format carries none"))
         return ns
-
-    @classmethod
-    def _load_reference(cls, path: Path, languages: Optional[Sequence[str]], intermediate_size: Optional[int],
-                        model_id: Optional[str]) -> "NeuronSet":
-        not_reference = (f"{path}: not a torch file (torch.save) / not a LAPE reference file (torch.save of "
-                         "list[lang][layer] tensors) nor a lape_kernels neuron set")
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(2)
-        except OSError as exc:
-            raise NeuronSetFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        # torch.save writes a zip archive (a pickle inside); older torch a bare pickle (first byte 0x80)
-        if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
-            raise NeuronSetFormatError(f"{not_reference}: neither a zip archive nor a pickle "
-                                       f"(starts with bytes {head.hex() or 'nothing: empty file'})")
-        try:
-            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it all
-                warnings.simplefilter("ignore")
-                data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            # torch's first line suggests weights_only=False; keep only its reason
-            detail = [ln.strip() for ln in str(exc).splitlines()[1:]
-                      if ln.strip() and not ln.startswith("Check the documentation") and "file an issue" not in ln]
-            raise NeuronSetFormatError(
-                f"{path}: refused to load: not a plain list of tensors (torch.load weights_only=True "
-                f"rejected it; arbitrary pickled objects are never loaded)"
-                + (f": {detail[0]}" if detail else "")) from None
-        except Exception as exc:  # a zip archive or pickle that is no torch file
-            raise NeuronSetFormatError(f"{not_reference}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
-        if not isinstance(data, (list, tuple)) or not data:
-            raise NeuronSetFormatError(f"{path}: expected a non-empty list with one entry per language "
-                                       f"(each a list of per-layer int64 tensors), got {type(data).__name__}"
-                                       + (" (empty)" if isinstance(data, (list, tuple)) else ""))
-        for k, entry in enumerate(data):
-            if not isinstance(entry, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in entry):
-                raise NeuronSetFormatError(
-                    f"{path}: entry {k} must be a list of per-layer tensors, got "
-                    f"{type(entry).__name__}" + ("" if not isinstance(entry, (list, tuple))
-                                                  else f" containing {sorted({type(t).__name__ for t in entry})}"))
-        layer_counts = {len(entry) for entry in data}
-        if len(layer_counts) != 1 or 0 in layer_counts:
-            raise NeuronSetFormatError(f"{path}: languages have different numbers of layers: {[len(e) for e in data]}")
-        num_layers = layer_counts.pop()
-        notes = []
-        if languages is None:
-            languages = [f"lang{k}" for k in range(len(data))]
-        else:
-            languages = list(languages)
-            if len(languages) < len(data):
-                raise ValueError(f"{path}: file has {len(data)} languages, but {len(languages)} names were given")
-            if len(languages) > len(data):
-                notes.append(f"languages {languages[len(data):]} absent from the reference file "
-                             f"(the reference drops trailing languages with no neurons): empty sets")
-            check_languages(languages)
-        sets: Dict[str, Sequence[Any]] = {}
-        for k, lang in enumerate(languages):
-            sets[lang] = list(data[k]) if k < len(data) else [torch.empty(0, dtype=torch.int64)] * num_layers
-        try:
-            return cls(sets, num_layers, intermediate_size, model_id=model_id, notes=notes)
-        except (TypeError, ValueError) as exc:
-            raise NeuronSetFormatError(f"{path}: {exc}") from None
 
     @classmethod
     def _load_lape(cls, path: Path) -> "NeuronSet":
@@ -481,9 +495,16 @@ class NeuronSet:
             raise NeuronSetFormatError(f"{json_path}: cannot read neuron-set JSON: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise NeuronSetFormatError(f"{json_path}: not a lape_kernels neuron set (format != {FORMAT_NAME!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise NeuronSetFormatError(f"{json_path}: format_version {meta.get('format_version')!r} not supported "
-                                       f"(this code reads {FORMAT_VERSION})")
+        version = meta.get("format_version")
+        if version not in (FORMAT_VERSION, FORMAT_VERSION_EXPERTS):
+            raise NeuronSetFormatError(f"{json_path}: format_version {version!r} not supported "
+                                       f"(this code reads {FORMAT_VERSION} and {FORMAT_VERSION_EXPERTS})")
+        layout = None
+        if version == FORMAT_VERSION_EXPERTS or "experts" in meta:
+            try:
+                layout = layout_of(meta.get("experts"), "'experts'")
+            except (TypeError, ValueError) as exc:
+                raise NeuronSetFormatError(f"{json_path}: {exc}") from None
         for key in ("languages", "num_layers", "intermediate_size"):
             if key not in meta:
                 raise NeuronSetFormatError(f"{json_path}: missing key {key!r}")
@@ -494,6 +515,7 @@ class NeuronSet:
         if not tensors_path.exists():
             raise NeuronSetFormatError(f"{json_path}: tensor file {tensors_path} missing")
         sets: Dict[str, PerLayer] = {}
+        experts: Dict[str, PerExpert] = {}
         try:
             with open_safetensors(tensors_path, NeuronSetFormatError) as fh:
                 keys = set(fh.keys())
@@ -512,6 +534,9 @@ class NeuronSet:
                         raise NeuronSetFormatError(f"{tensors_path}: {ok} is not a valid offset table for "
                                                    f"{indices.numel()} indices")
                     sets[str(lang)] = [t.clone() for t in torch.split(indices, counts.tolist())]
+                    if layout is not None:
+                        experts[str(lang)] = read_expert_tensors(fh.get_tensor, keys, k, lang, layout, str(tensors_path),
+                                                                 NeuronSetFormatError)
         except NeuronSetFormatError:
             raise
         except Exception as exc:
@@ -526,6 +551,7 @@ class NeuronSet:
                 model_id=meta.get("model_id"), hidden_size=meta.get("hidden_size"),
                 thresholds=meta.get("thresholds"), tokens_per_language=meta.get("tokens_per_language"),
                 notes=notes, model_fingerprint=meta.get("model_fingerprint"),
+                **({} if layout is None else {"experts": experts, "expert_layout": layout}),
             )
         except (TypeError, ValueError) as exc:
             raise NeuronSetFormatError(f"{path}: {exc}") from None
