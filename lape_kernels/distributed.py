@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["LAUNCH_VARIABLES", "DistributedError", "Launch", "launch_env", "launched", "is_initialized", "rank",
            "world_size", "local_rank", "is_main", "barrier", "all_reduce_sum", "check_same_everywhere",
-           "device_for", "broadcast_object", "run_on_main", "name_hash"]
+           "device_for", "broadcast_object", "run_on_main", "main_first", "name_hash"]
 
 #: what ``torchrun`` and ``accelerate launch`` set for every worker process
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -205,6 +205,24 @@ def run_on_main(work: Callable[[], Any], group=None) -> Any:
     if status == "error":
         raise DistributedError(f"stopped with rank 0: {value}")
     return value
+
+
+def main_first(work: Callable[[], Any], group=None) -> Any:
+    """``work()`` on every process, rank 0's run first and the others' after it succeeded (a
+    download, a conversion or a cache that one process fills and the others then read; rank
+    0's failure stops them all, as in :func:`run_on_main`). Without a process group: ``work()``."""
+    if not is_initialized() or world_size(group) == 1:
+        return work()
+    if is_main(group):
+        box: List[Any] = []
+
+        def first() -> None:
+            box.append(work())
+
+        run_on_main(first, group)
+        return box[0]
+    run_on_main(lambda: None, group)  # waits for rank 0's outcome (its error raised here too)
+    return work()
 
 
 def name_hash(text: Optional[str]) -> int:

@@ -11,6 +11,7 @@ settings continues after the sequences already counted. The finished directory (
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -47,7 +48,15 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
     held for the whole run (``claim_output``: one process, never over an input or another
     command's output without ``overwrite``); a finished output of the same settings is reused
     only when its recorded inputs (text digests, model fingerprint) are the ones read now.
+
+    Data-parallel inside a ``torch.distributed`` process group (``torchrun``): every rank packs
+    the same sequences and counts batches ``j % world_size == rank`` of each save chunk; the
+    chunk's counts are summed over ranks (``all_reduce``) before rank 0 saves them, so the
+    result, and every resumable state, is the one-process one whatever the number of processes
+    (a rerun may resume with another). Only rank 0 claims, reads and writes files.
     """
+    from .. import distributed
+
     languages = list(languages)
     if tokens <= 0 or seq_len < 2 or batch_size <= 0 or save_every <= 0:
         raise ExperimentError("--tokens, --batch-size and --save-every must be positive and --seq-len >= 2")
@@ -64,37 +73,34 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
             return "not a finished collection"
         return None if recorded.get("config_hash") == digest else "collected with other settings"
 
-    with claim_output(out_path, inputs=[model, data], overwrite=overwrite, reusable=same_settings,
-                      command="collect"):
+    with contextlib.ExitStack() as held:
+        def claim() -> None:  # rank 0 holds the output for every process (the others never write)
+            held.enter_context(claim_output(out_path, inputs=[model, data], overwrite=overwrite,
+                                            reusable=same_settings, command="collect"))
+
+        distributed.run_on_main(claim)
         return _collect(model, languages, out_path, data=data, tokens=tokens, seq_len=seq_len,
                         batch_size=batch_size, dev=dev, dt=dt, save_every=save_every, cache_dir=cache_dir,
-                        overwrite=overwrite, quiet=quiet, settings=settings, digest=digest)
+                        overwrite=overwrite, quiet=quiet or not distributed.is_main(), settings=settings,
+                        digest=digest)
 
 
-def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional[str], tokens: int, seq_len: int,
-             batch_size: int, dev: torch.device, dt: torch.dtype, save_every: int, cache_dir: Optional[str],
-             overwrite: bool, quiet: bool, settings: Dict[str, Any], digest: str) -> Dict[str, Any]:
-    """``collect`` while holding its output (see ``lape_kernels.files.claim_output``)."""
-    from .. import api, introspection
-    from ..stats import ActivationStats, StatsByLanguage, record
+def _prepare(model_obj: Any, corpus: Any, languages: List[str], out_path: Path, *, overwrite: bool, quiet: bool,
+             digest: str, settings: Dict[str, Any], world: int) -> Dict[str, Any]:
+    """Rank 0's decisions before counting (files are its alone): reuse a finished output, start
+    over, or resume ``.partial`` (whose totals, loaded into ``loaded``, are whole save chunks,
+    summed over every process of the run that saved them: a rerun with another number of
+    processes continues them exactly)."""
+    from ..stats import ActivationStats
 
-    corpus = load_corpus(data, languages, cache_dir=cache_dir)
-    model_obj, tokenizer = load_model(model, dt, dev, cache_dir)
-    packed = {lang: pack_split(tokenizer, corpus, lang, "train", seq_len, tokens) for lang in languages}
-    for lang, ids in packed.items():
-        if ids.numel() < tokens:
-            warn(f"--tokens {tokens} is more than language {lang!r}'s train text holds ({ids.numel()} tokens "
-                 f"packed); counting all of it", quiet)
     inputs = input_record(model_obj, {lang: corpus_texts(corpus, lang, "train") for lang in languages})
     index = out_path / STATS_INDEX
     if index.is_file() and not overwrite:  # the same settings (claim_output refused others)
         recorded = read_json(index).get("collect", {})
         if reuse_complete(out_path, recorded.get("inputs"), inputs, quiet=quiet):
-            return {"out": str(out_path), "languages": languages, "tokens": recorded.get("tokens"),
-                    "seconds": 0.0, "cached": True}
-    hidden = getattr(introspection.text_config(model_obj), "hidden_size", None)
-
+            return {"cached": recorded.get("tokens")}
     partial = partial_path(out_path)
+    before = None
     if partial.exists():
         prev = partial / "config.json"
         try:
@@ -108,61 +114,114 @@ def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional
                                   f"--overwrite to start over, or delete {partial}")
         else:
             check_partial_inputs(partial, recorded.get("inputs"), inputs, "collection")
+            before = recorded.get("world_size", 1)
     partial.mkdir(parents=True, exist_ok=True)
-    (partial / "config.json").write_text(dumps({"config_hash": digest, "settings": settings, "inputs": inputs}))
-
-    api.patch(model_obj, chunked_loss=False)
-    body = introspection.decoder_body(model_obj)
-    total_tokens = sum(int(v.numel()) for v in packed.values())
-    done_tokens = 0
-    results: Dict[str, ActivationStats] = {}
-    resumed: Dict[str, int] = {}
+    (partial / "config.json").write_text(dumps({"config_hash": digest, "settings": settings, "inputs": inputs,
+                                                "world_size": world}))
+    loaded: Dict[str, ActivationStats] = {}
     for i, lang in enumerate(languages):
         f = partial / f"{_stem(lang, i)}.safetensors"
         if f.exists():
             try:
-                s = ActivationStats.load(f)
+                loaded[lang] = ActivationStats.load(f)
             except (ValueError, OSError) as exc:
                 raise damaged(exc, partial) from None
-            results[lang] = s
-            resumed[lang] = int(s.meta.get("sequences_done", 0))
-            done_tokens += resumed[lang] * seq_len
+    resumed = {lang: int(s.meta.get("sequences_done", 0)) for lang, s in loaded.items()}
     if resumed and not quiet:
-        print(f"resuming collection from {partial}: " + ", ".join(f"{k} {v} seq" for k, v in resumed.items()),
-              file=sys.stderr)
+        note = "" if before in (None, world) else (f" (started with {before} processes, continued with {world}: "
+                                                   f"the saved totals are whole chunks of sequences)")
+        print(f"resuming collection from {partial}: " + ", ".join(f"{k} {v} seq" for k, v in resumed.items())
+              + note, file=sys.stderr)
+    return {"cached": None, "inputs": inputs, "resumed": resumed, "loaded": loaded}
+
+
+def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional[str], tokens: int, seq_len: int,
+             batch_size: int, dev: torch.device, dt: torch.dtype, save_every: int, cache_dir: Optional[str],
+             overwrite: bool, quiet: bool, settings: Dict[str, Any], digest: str) -> Dict[str, Any]:
+    """``collect`` while rank 0 holds its output (see ``lape_kernels.files.claim_output``)."""
+    from .. import api, distributed, introspection
+    from ..stats import ActivationStats, StatsByLanguage, record
+
+    rank, world = distributed.rank(), distributed.world_size()
+    if save_every < world:
+        warn(f"--save-every {save_every} is below the {world} processes: each save chunk has {save_every} batches, "
+             f"so {world - save_every} processes wait in every chunk (use --save-every {world} or more)", quiet)
+    # rank 0 first: whatever a download or conversion caches, it caches once
+    corpus = distributed.main_first(lambda: load_corpus(data, languages, cache_dir=cache_dir))
+    model_obj, tokenizer = distributed.main_first(lambda: load_model(model, dt, dev, cache_dir))
+    packed = {lang: pack_split(tokenizer, corpus, lang, "train", seq_len, tokens) for lang in languages}
+    for lang, ids in packed.items():
+        if ids.numel() < tokens:
+            warn(f"--tokens {tokens} is more than language {lang!r}'s train text holds ({ids.numel()} tokens "
+                 f"packed); counting all of it", quiet)
+    mine: Dict[str, Any] = {}  # rank 0's loaded partial totals (never sent to the others)
+
+    def prepare() -> Dict[str, Any]:
+        plan = _prepare(model_obj, corpus, languages, out_path, overwrite=overwrite, quiet=quiet, digest=digest,
+                        settings=settings, world=world)
+        mine.update(plan)
+        return {k: plan[k] for k in ("cached", "resumed") if k in plan}
+
+    plan = distributed.run_on_main(prepare)
+    if plan["cached"] is not None:
+        return {"out": str(out_path), "languages": languages, "tokens": plan["cached"], "seconds": 0.0, "cached": True}
+    resumed: Dict[str, int] = plan["resumed"]
+    results: Dict[str, ActivationStats] = mine.get("loaded", {})
+    hidden = getattr(introspection.text_config(model_obj), "hidden_size", None)
+    partial = partial_path(out_path)
+
+    api.patch(model_obj, chunked_loss=False)
+    body = introspection.decoder_body(model_obj)
+    total_tokens = sum(int(v.numel()) for v in packed.values())
+    done_tokens = sum(resumed.values()) * seq_len
     t0 = now()
-    bar = progress(total_tokens, "collect", initial=done_tokens)
+    bar = progress(total_tokens, "collect" if world == 1 else f"collect x{world}", initial=done_tokens,
+                   disable=rank != 0)
     try:
         for i, lang in enumerate(languages):
             ids = packed[lang]
             n_seq = ids.shape[0]
-            start = resumed.get(lang, 0)
             f = partial / f"{_stem(lang, i)}.safetensors"
             bar.set_postfix(lang=lang)
-            pos = start
+            pos = resumed.get(lang, 0)
             while pos < n_seq:
                 chunk_end = min(n_seq, pos + save_every * batch_size)
                 with torch.inference_mode(), record(model_obj, languages=lang) as s:
-                    for b in range(pos, chunk_end, batch_size):
-                        x = ids[b:min(b + batch_size, chunk_end)].to(dev)
-                        body(input_ids=x)
-                        bar.update(int(x.numel()))
-                total = s if lang not in results else results[lang] + s
-                total.meta.update({
-                    "language": lang, "model_id": model, "hidden_size": hidden, "seq_len": seq_len,
-                    "sequences_done": chunk_end, "sequences_total": n_seq, "complete": chunk_end == n_seq,
-                    "collect_config_hash": digest, "dtype": dtype_name(dt),
-                })
-                tmp = f.with_name(f".{f.name}.tmp")
-                total.save(tmp)
-                os.replace(tmp, f)
-                results[lang] = total
+                    # round r: batches r*world .. r*world + world-1 of the chunk, this rank's is +rank
+                    for r0 in range(pos, chunk_end, batch_size * world):
+                        b = r0 + rank * batch_size
+                        if b < chunk_end:
+                            body(input_ids=ids[b:min(b + batch_size, chunk_end)].to(dev))
+                        bar.update(int(ids[r0:min(r0 + batch_size * world, chunk_end)].numel()))
+                chunk = s.all_reduce() if world > 1 else s  # every rank's share of the chunk
+                if rank == 0:
+                    total = chunk if lang not in results else results[lang] + chunk
+                    total.meta.update({
+                        "language": lang, "model_id": model, "hidden_size": hidden, "seq_len": seq_len,
+                        "sequences_done": chunk_end, "sequences_total": n_seq, "complete": chunk_end == n_seq,
+                        "collect_config_hash": digest, "dtype": dtype_name(dt), "world_size": world,
+                    })
+                    tmp = f.with_name(f".{f.name}.tmp")
+                    total.save(tmp)
+                    os.replace(tmp, f)
+                    results[lang] = total
                 pos = chunk_end
-            if lang not in results:  # resumed with nothing left to do and no file (cannot happen)
+            if rank == 0 and lang not in results:  # resumed with nothing left to do and no file (cannot happen)
                 raise ExperimentError(f"internal: no statistics for {lang}")
     finally:
         bar.close()
     seconds = now() - t0
+    return distributed.run_on_main(lambda: _publish(results, languages, out_path, partial, digest=digest,
+                                                    settings=settings, inputs=mine["inputs"], seconds=seconds,
+                                                    done_tokens=done_tokens, world=world, quiet=quiet))
+
+
+def _publish(results: Dict[str, Any], languages: List[str], out_path: Path, partial: Path, *, digest: str,
+             settings: Dict[str, Any], inputs: Dict[str, Any], seconds: float, done_tokens: int, world: int,
+             quiet: bool) -> Dict[str, Any]:
+    """Rank 0: the finished ``StatsByLanguage`` directory in place of ``.partial``."""
+    from ..stats import StatsByLanguage
+
     by_lang = StatsByLanguage(languages, {lang: results[lang] for lang in languages})
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -172,7 +231,7 @@ def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional
         idx = read_json(tmp / STATS_INDEX)
         idx["collect"] = {"config_hash": digest, "settings": settings, "inputs": inputs,
                           "tokens": {lang: results[lang].n_tokens for lang in languages},
-                          "seconds": seconds}
+                          "seconds": seconds, "world_size": world}
         (tmp / STATS_INDEX).write_text(dumps(idx))
         publish(tmp, out_path)
     except BaseException:
@@ -182,10 +241,12 @@ def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional
     counted = sum(results[lang].n_tokens for lang in languages) - done_tokens
     if not quiet:
         rate = counted / seconds if seconds > 0 else float("nan")
+        procs = f", {world} processes" if world > 1 else ""
         print(f"collected {len(languages)} languages, {sum(r.n_tokens for r in results.values())} tokens "
-              f"({rate:.0f} tok/s) -> {out_path}", file=sys.stderr)
+              f"({rate:.0f} tok/s{procs}) -> {out_path}", file=sys.stderr)
     return {"out": str(out_path), "languages": languages, "tokens": {l: results[l].n_tokens for l in languages},
-            "seconds": seconds, "tokens_per_s": counted / seconds if seconds > 0 else None, "cached": False}
+            "seconds": seconds, "tokens_per_s": counted / seconds if seconds > 0 else None, "cached": False,
+            "world_size": world}
 
 
 def load_stats(paths: Sequence[str], languages: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -63,10 +63,13 @@ class PeakMemory:
         return self.peak
 
 
-def progress(total: int, desc: str, unit: str = "tok", initial: int = 0):
-    """A tqdm bar in tokens (tqdm shows tokens/s); hidden when stderr is not a terminal."""
+def progress(total: int, desc: str, unit: str = "tok", initial: int = 0, disable: bool = False):
+    """A tqdm bar in tokens (tqdm shows tokens/s); hidden when stderr is not a terminal, or when
+    ``disable`` (e.g. on every rank but 0 of a distributed run)."""
     from tqdm.auto import tqdm
 
+    if disable:
+        return tqdm(total=total, disable=True)
     disable = None if os.environ.get("LAPE_KERNELS_PROGRESS", "") != "1" else False
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, initial=initial, disable=disable,
                 dynamic_ncols=True, leave=False)

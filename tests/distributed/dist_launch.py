@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -70,10 +70,20 @@ def run_one(args: Sequence[str], *, timeout: float = 600,
                           env=env(extra_env), cwd=str(REPO), timeout=timeout)
 
 
-def kill_job(p: subprocess.Popen) -> None:
-    """kill -9 of the launcher and all its workers (the job's process group)."""
+def kill_job(p: subprocess.Popen) -> Tuple[str, str]:
+    """kill -9 of the launcher and every worker (each torchrun worker runs in its own session,
+    so the whole process tree, as a batch scheduler's cancel does); (stdout, stderr) of the job
+    until then."""
+    import psutil
+
     try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.communicate()
+        tree = [psutil.Process(p.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    return p.communicate()

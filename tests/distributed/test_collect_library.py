@@ -82,17 +82,25 @@ def test_cli_one_process_commands_refuse_a_launch(monkeypatch, tmp_path, capsys)
                                "processes (only collect and finetune split their work); run it without torchrun"), err
 
 
-@pytest.mark.parametrize("family, wrapper", [("llama", "none"), ("llama", "ddp"), ("llama", "fsdp2"),
-                                             ("qwen2_moe", "ddp")])
-def test_record_all_reduce_equals_one_process(family, wrapper, tmp_path):
+CASES = ["llama:none", "llama:ddp", "llama:fsdp2", "qwen2_moe:ddp"]
+
+
+@pytest.fixture(scope="module")
+def two_process_records(tmp_path_factory):
+    """One torchrun job of 2 processes recording every case (``record_worker.py``)."""
+    out = tmp_path_factory.mktemp("records")
+    worker = str(dist_launch.REPO / "tests" / "distributed" / "record_worker.py")
+    p = dist_launch.run(2, [out, *CASES], module_or_script=[worker], timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("family, wrapper", [c.split(":") for c in CASES])
+def test_record_all_reduce_equals_one_process(family, wrapper, two_process_records):
     """Each rank records its rows of one batch (bare model, DDP, FSDP2; a MoE model with its
     per-expert statistics); ``stats.all_reduce()`` gives the one-process counts of the whole
     batch, exactly for the counts, to summation order for act_sum."""
-    p = dist_launch.run(2, [family, wrapper, tmp_path], module_or_script=[str(dist_launch.REPO / "tests" /
-                                                                                "distributed" / "record_worker.py")],
-                        timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = lk.StatsByLanguage.load(tmp_path / f"{family}-{wrapper}")
+    got = lk.StatsByLanguage.load(two_process_records / f"{family}-{wrapper}")
     ids, mask, langs = batch()
     model = tiny_model(family, num_layers=2)
     with torch.no_grad(), lk.record(model, languages=LANGS) as want:
