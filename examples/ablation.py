@@ -5,10 +5,14 @@ collect statistics -> identify language neurons -> for each language k, zero k's
 as a control, a random set of the same size) and measure every language's validation
 perplexity. LAPE's finding: deactivating k's neurons raises k's perplexity far more than the
 other languages'. Writes to --out: ablation.md (the tables), ablation.png (perplexity-change
-heat maps, LAPE and random sets), neurons_per_layer.png, results.json.
+heat maps, LAPE and random sets), neurons_per_layer.png (dense MLPs) and, for a mixture-of-experts
+model, neurons_per_expert.png (expert neurons are deactivated too), results.json.
 
     python examples/ablation.py                      # Gemma-3-270M, built-in corpus
     python examples/ablation.py --languages en de fr cy eu --val-tokens 1024 --out /tmp/abl
+    python -m lape_kernels.experiment.toy /tmp/toy qwen3_moe    # a tiny MoE model + toy corpus
+    python examples/ablation.py --model /tmp/toy/model --data /tmp/toy/corpus --languages aa bb cc en \
+        --tokens 2048 --seq-len 64 --val-tokens 512 --top-rate 0.1 --out /tmp/abl-moe
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     from lape_kernels.experiment.outputs import write_json_atomic
     from lape_kernels.experiment.progress import now
     from lape_kernels.experiment.runtime import parse_device, parse_dtype
-    from lape_kernels.neurons import deactivate, plot_heatmap
+    from lape_kernels.neurons import deactivate, plot_expert_heatmap, plot_heatmap
 
     languages = list(languages)
     out_dir = Path(out)
@@ -55,7 +59,11 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     ns = identify_neurons([str(out_dir / "stats")], str(out_dir / "neurons"), top_rate=top_rate,
                           filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio, overwrite=True)
     say("neurons: " + ", ".join(f"{l} {ns.total(l)}" for l in languages))
-    plot_heatmap(ns, out_dir / "neurons_per_layer.png")
+    plots = []
+    if ns.num_layers:
+        plots.append(plot_heatmap(ns, out_dir / "neurons_per_layer.png").name)
+    if ns.has_experts:  # a mixture-of-experts model: MoE layer x expert counts per language
+        plots.append(plot_expert_heatmap(ns, out_dir / "neurons_per_expert.png").name)
 
     dev = parse_device(device)
     m, tok = load_model(model, parse_dtype(dtype, dev, auto=torch.float32), dev, cache_dir)
@@ -82,7 +90,12 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
             continue
         with deactivate(m, (ns, k)):
             lape[k] = ppl(f"-{k}")
-        with deactivate(m, ns.random_like(k, seed=seed, mode="total")):
+        if ns.has_experts:  # the same total over all dense and expert neurons
+            dense, experts = ns.random_experts_like(k, seed=seed, mode="total")
+            control = deactivate(m, dense, expert_neurons=experts)
+        else:
+            control = deactivate(m, ns.random_like(k, seed=seed, mode="total"))
+        with control:
             rand[k] = ppl(f"-rand{k}")
         say(f"deactivate {k} ({ns.total(k)} neurons): own ppl {base[k]:.2f} -> {lape[k][k]:.2f}; "
             f"random: {rand[k][k]:.2f}")
@@ -110,7 +123,7 @@ def run_ablation(model: str = "gemma3-270m", languages: Sequence[str] = DEFAULT_
     settings = {"model": model, "data": data or "builtin", "languages": languages, "tokens": tokens,
                 "seq_len": seq_len, "val_tokens": val_tokens, "top_rate": top_rate, "filter_rate": filter_rate,
                 "activation_bar_ratio": activation_bar_ratio, "seed": seed, "dtype": dtype,
-                "neurons": {l: ns.total(l) for l in languages}}
+                "neurons": {l: ns.total(l) for l in languages}, "plots": plots}
     results = {"settings": settings, "base_ppl": base, "lape_ppl": lape, "random_ppl": rand,
                "lape_change": d_lape, "random_change": d_rand, "summary": summary}
     write_json_atomic(out_dir / "results.json", results)
@@ -147,7 +160,8 @@ def _markdown(r: Dict[str, Any]) -> str:
         f"of the other languages': {100 * sm['mean_off_diagonal_change']:+.1f}%; own language under a random set "
         f"of the same size: {100 * sm['mean_random_diagonal_change']:+.1f}%. The own-language change exceeds the mean "
         f"of the others in {sm['diagonal_dominates_rows']} of {len(r['lape_change'])} rows.\n\n"
-        "![perplexity change](ablation.png)\n\n![neurons per layer](neurons_per_layer.png)\n"
+        "![perplexity change](ablation.png)\n\n"
+        + "".join(f"![{p.rsplit('.', 1)[0].replace('_', ' ')}]({p})\n" for p in s.get("plots", ["neurons_per_layer.png"]))
     )
 
 

@@ -313,6 +313,10 @@ def _identify(stats_paths: Sequence[str], out_path: Path, suffix: str, *, top_ra
         ns = identify(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
     except (ValueError, TypeError) as exc:
         raise ExperimentError(f"identify: {one_line(exc)}") from None
+    if format == "reference" and ns.has_experts:
+        raise ExperimentError(f"--format reference: the LAPE reference format (list[language][layer]) has no expert "
+                              f"neurons, and these statistics come from a mixture-of-experts model (MoE layers "
+                              f"{list(ns.expert_layers)}); write --format lape")
     tmp = out_path.parent / f".{out_path.stem}.tmp-{os.getpid()}{suffix}"
     try:
         if format == "reference":

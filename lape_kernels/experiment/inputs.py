@@ -44,7 +44,7 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, cache_dir: O
     if tokenizer is None:
         raise ExperimentError(f"model {spec!r} has no tokenizer")
     try:
-        introspection.family_for(model)
+        introspection.discover(model)  # patchable: dense MLPs and/or experts found and proven
         introspection.decoder_layers(model)
     except introspection.UnsupportedModelError as exc:
         raise ExperimentError(f"model {spec!r}: {exc}") from None

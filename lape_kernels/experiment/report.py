@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from .outputs import write_atomic
 from .progress import fmt_bytes
 
-__all__ = ["claims", "render_markdown", "write_report", "PLOTS"]
+__all__ = ["claims", "render_markdown", "write_report", "PLOTS", "EXPERT_PLOT"]
 
 PLOTS = {
     "ppl": "ppl_before_after.png",
@@ -19,6 +19,9 @@ PLOTS = {
     "alignment": "alignment.png",
     "norms": "update_norms.png",
 }
+
+#: a mixture-of-experts model's expert neurons (MoE layer x expert, per language), beside PLOTS
+EXPERT_PLOT = "neurons_per_expert.png"
 
 METHOD_ORDER = ("neurons", "random", "lora", "ffn", "full")
 _COLORS = {"neurons": "#1b9e77", "random": "#d95f02", "lora": "#7570b3", "ffn": "#e7298a", "full": "#66a61e",
@@ -322,12 +325,15 @@ def write_report(out_dir: Path, *, setup: Mapping[str, Any], evals: Mapping[str,
     if evals:
         plots.append(str(plot_ppl(evals, out_dir / PLOTS["ppl"])))
     if neuron_set is not None:
-        from ..neurons import plot_heatmap
+        from ..neurons import plot_expert_heatmap, plot_heatmap
 
-        tmp = out_dir / f".neurons.tmp-{os.getpid()}.png"
-        plot_heatmap(neuron_set, tmp)
-        os.replace(tmp, out_dir / PLOTS["neurons"])
-        plots.append(str(out_dir / PLOTS["neurons"]))
+        for name, plot, applies in ((PLOTS["neurons"], plot_heatmap, neuron_set.num_layers > 0),
+                                    (EXPERT_PLOT, plot_expert_heatmap, neuron_set.has_experts)):
+            if applies:
+                tmp = out_dir / f".{name}.tmp-{os.getpid()}.png"
+                plot(neuron_set, tmp)
+                os.replace(tmp, out_dir / name)
+                plots.append(str(out_dir / name))
     if logs:
         plots.append(str(plot_curves(logs, out_dir / PLOTS["curves"])))
     if evals and next(iter(evals.values()))["before"].get("alignment"):

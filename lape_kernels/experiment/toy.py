@@ -1,7 +1,7 @@
 """A toy setup for trying the CLI in seconds (and for the tests): a tiny random model saved
 with ``save_pretrained`` and a synthetic multilingual corpus directory.
 
-    python -m lape_kernels.experiment.toy /tmp/toy
+    python -m lape_kernels.experiment.toy /tmp/toy [FAMILY]     # FAMILY: llama (default), qwen3_moe, mixtral, ...
     lape-kernels demo --model /tmp/toy/model --data /tmp/toy/corpus --target aa \\
         --languages aa bb cc en --config /tmp/toy/demo.json --out /tmp/toy/demo
 
@@ -63,8 +63,9 @@ def make_toy_setup(root: str, family: str = "llama", lines: int = 300, seed: int
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m lape_kernels.experiment.toy DIR", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print("usage: python -m lape_kernels.experiment.toy DIR [FAMILY]  (a lape_kernels.testing tiny family: "
+              "llama, qwen3_moe, mixtral, ...)", file=sys.stderr)
         sys.exit(2)
-    m, c = make_toy_setup(sys.argv[1])
+    m, c = make_toy_setup(sys.argv[1], *sys.argv[2:])
     print(f"model: {m}\ncorpus: {c}\ndemo config: {Path(sys.argv[1]) / 'demo.json'}")

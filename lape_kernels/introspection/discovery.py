@@ -528,8 +528,13 @@ def mlp_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def family_for(model: nn.Module) -> MLPFamily:
-    """The (proven) family of the model's MLPs; ``UnsupportedModelError`` when there is none."""
-    return discover(model).mlps[0].family
+    """The (proven) family of the model's MLPs; ``UnsupportedModelError`` when there is none
+    (also for a mixture-of-experts model without dense MLPs: its experts have no MLP family)."""
+    found = discover(model)
+    if not found.mlps:
+        raise _refuse(f"model_type {found.model_type!r} has no dense gated MLP (only mixture-of-experts layers, "
+                      "whose stacked experts are no MLP family)")
+    return found.mlps[0].family
 
 
 class MLPShape(NamedTuple):

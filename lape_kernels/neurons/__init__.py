@@ -6,8 +6,8 @@ from .ablation import deactivate
 from .identification import expert_probabilities, identify, lape_probabilities
 from .indices import ExpertLayout, PerExpert
 from .neuron_set import NeuronSet, NeuronSetFormatError, check_layer_indices
-from .report import per_layer_table, plot_heatmap
+from .report import per_layer_table, plot_expert_heatmap, plot_heatmap
 
 __all__ = ["NeuronSet", "NeuronSetFormatError", "ExpertLayout", "PerExpert", "check_layer_indices", "identify",
            "lape_probabilities", "expert_probabilities",
-           "deactivate", "per_layer_table", "plot_heatmap"]
+           "deactivate", "per_layer_table", "plot_heatmap", "plot_expert_heatmap"]

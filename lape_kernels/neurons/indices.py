@@ -15,7 +15,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["check_layer_indices", "ExpertLayout", "PerExpert", "check_expert_indices", "layout_of", "expert_tensors",
-           "read_expert_tensors"]
+           "read_expert_tensors", "random_units"]
 
 PerExpert = List[List[torch.Tensor]]
 
@@ -157,3 +157,28 @@ def read_expert_tensors(get: Any, keys: set, k: int, lang: str, layout: ExpertLa
         raise error(f"{where}: {ok} is not a valid offset table for {indices.numel()} indices")
     flat = [t.clone() for t in torch.split(indices, counts.tolist())]
     return [flat[m * E:(m + 1) * E] for m in range(M)]
+
+
+def random_units(dense_counts: Sequence[int], intermediate: int, expert_counts: torch.Tensor, layout: ExpertLayout,
+                 seed: int, mode: str) -> Tuple[List[torch.Tensor], PerExpert]:
+    """A random baseline of dense + expert neurons (sorted int64), from one CPU generator.
+    ``per_layer``: the same count in each dense layer and in each (MoE layer, expert), drawn
+    uniformly without replacement there. ``total``: the same total, drawn uniformly without
+    replacement over all units (dense layers first, then MoE layer x expert x neuron)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    M, E, I_e = len(layout.layers), layout.num_experts, layout.intermediate_size
+    if mode == "per_layer":
+        dense = [torch.sort(torch.randperm(intermediate, generator=gen)[:c]).values for c in dense_counts]
+        experts = [[torch.sort(torch.randperm(I_e, generator=gen)[:int(expert_counts[m, e])]).values for e in range(E)]
+                   for m in range(M)]
+        return dense, experts
+    if mode != "total":
+        raise ValueError(f"mode must be 'per_layer' or 'total', got {mode!r}")
+    L = len(dense_counts)
+    n_dense = L * intermediate
+    flat = torch.sort(torch.randperm(n_dense + M * E * I_e, generator=gen)[: sum(dense_counts) + int(expert_counts.sum())]).values
+    d, x = flat[flat < n_dense], flat[flat >= n_dense] - n_dense
+    dense = [d[d // intermediate == li] % intermediate for li in range(L)] if intermediate else []
+    unit = x // I_e  # m * E + e
+    experts = [[x[unit == m * E + e] % I_e for e in range(E)] for m in range(M)]
+    return dense, experts

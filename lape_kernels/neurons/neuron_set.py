@@ -22,7 +22,7 @@ from ..fingerprint import check_model, describe_model, model_fingerprint, model_
 from ..introspection import expert_shape, mlp_shape, model_shape
 from ..languages import check_languages
 from .indices import (ExpertLayout, PerExpert, check_expert_indices, check_layer_indices, expert_tensors,
-                      layout_of, read_expert_tensors)
+                      layout_of, random_units, read_expert_tensors)
 from .reference_file import NeuronSetFormatError, read_reference
 
 __all__ = ["NeuronSet", "NeuronSetFormatError", "PerLayer", "PerExpert", "ExpertLayout", "check_layer_indices"]
@@ -310,6 +310,17 @@ class NeuronSet:
             neuron = flat % inter
             return [neuron[layer == li].clone() for li in range(self.num_layers)]
         raise ValueError(f"mode must be 'per_layer' or 'total', got {mode!r}")
+
+    def random_experts_like(self, lang: str, seed: int, mode: str = "per_layer") -> Tuple[PerLayer, PerExpert]:
+        """A random baseline the size of ``lang``'s dense and expert neurons: (per-layer dense
+        indices, per-(MoE layer, expert) indices). ``per_layer``: the same count per dense layer
+        and per expert; ``total``: the same total over all units (``indices.random_units``)."""
+        if not self.has_experts:
+            raise ValueError("this neuron set has no expert neurons (made for a dense model): use random_like")
+        if self.intermediate_size is None:
+            raise ValueError("intermediate_size unknown")
+        return random_units(self.layer_counts(lang), self.intermediate_size, self.expert_counts(lang),
+                            self.expert_layout, seed, mode)
 
     # ------------------------------------------------------------- validation
     def validate(self, model: Any = None, *, num_layers: Optional[int] = None,
