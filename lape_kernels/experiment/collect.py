@@ -41,7 +41,7 @@ def _stem(lang: str, i: int) -> str:
 def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[str] = None, tokens: int = 100_000,
             seq_len: int = 512, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
             save_every: int = 20, cache_dir: Optional[str] = None, overwrite: bool = False,
-            quiet: bool = False) -> Dict[str, Any]:
+            quiet: bool = False, replace_other_settings: bool = False) -> Dict[str, Any]:
     """Count, per language, how often each MLP neuron fires on up to ``tokens`` training tokens.
 
     Returns ``{"out": path, "languages": ..., "tokens": {lang: n}, "seconds": s}``. The output is
@@ -54,6 +54,8 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
     chunk's counts are summed over ranks (``all_reduce``) before rank 0 saves them, so the
     result, and every resumable state, is the one-process one whatever the number of processes
     (a rerun may resume with another). Only rank 0 claims, reads and writes files.
+    ``replace_other_settings``: the caller owns ``out`` (the demo's stage directory): a collection
+    of other settings there is replaced instead of refused.
     """
     from .. import distributed
 
@@ -73,6 +75,8 @@ def collect(model: str, languages: Sequence[str], out: str, *, data: Optional[st
             return "not a finished collection"
         return None if recorded.get("config_hash") == digest else "collected with other settings"
 
+    if replace_other_settings and out_path.is_dir() and same_settings(out_path) is not None:
+        overwrite = True
     with contextlib.ExitStack() as held:
         def claim() -> None:  # rank 0 holds the output for every process (the others never write)
             held.enter_context(claim_output(out_path, inputs=[model, data], overwrite=overwrite,

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from .config import FinetuneConfig
 from .errors import ExperimentError
-from .inputs import corpus_texts, load_corpus
+from .inputs import corpus_texts, load_corpus, validation_digests
 from .outputs import partial_path, read_json, remove_path, write_json_atomic
 from .progress import now
 
@@ -194,6 +194,8 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
     t, c = now(), cpu_seconds()
     corpus = load_corpus(data, cfg["languages"], cache_dir=cache_dir)
     tgt = choose_target(corpus, cfg["languages"], cfg["train_tokens"], cfg["eval_val_tokens"], target)
+    # what a cached evaluation was measured on, by content (an edited text is measured again)
+    val_digests = validation_digests(corpus, cfg["languages"] + ([tgt] if tgt not in cfg["languages"] else []))
     del corpus
     _say(f"      target language: {tgt}")
     timings["corpus"] = (now() - t, cpu_seconds() - c)
@@ -202,7 +204,8 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
     t, c = now(), cpu_seconds()
     collect(cfg["model"], cfg["languages"], str(stats_dir), data=data, tokens=cfg["collect_tokens"],
             seq_len=cfg["collect_seq_len"], batch_size=cfg["collect_batch_size"], device=device,
-            dtype=fast_dtype(device) if cfg["collect_dtype"] == "fast" else cfg["collect_dtype"], cache_dir=cache_dir)
+            dtype=fast_dtype(device) if cfg["collect_dtype"] == "fast" else cfg["collect_dtype"], cache_dir=cache_dir,
+            replace_other_settings=True)  # the demo's own stage output
     gc.collect()
     timings["collect"] = (now() - t, cpu_seconds() - c)
 
@@ -229,10 +232,17 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
             batch_size=cfg["batch_size"], eval_every=eval_every, eval_at_start=bool(cfg["eval_at_start"]),
             val_tokens=cfg["train_val_tokens"], seed=cfg["seed"], device=device, autocast=cfg["autocast"],
             cache_dir=cache_dir or None)
+        run_json = runs_dir / method / "run.json"
         if _finished(ft):
-            _say(f"      {method}: reusing {runs_dir / method} (same settings)")
+            # same settings: the run itself compares the inputs' content (text, model, neurons),
+            # reusing the result when they are unchanged and recomputing it when they were edited
+            before = run_json.read_bytes()
+            _finetune_subprocess(ft)
+            _say(f"      {method}: reusing {runs_dir / method} (same settings, same inputs)"
+                 if run_json.read_bytes() == before else
+                 f"      {method}: {runs_dir / method} recomputed (its inputs changed since)")
         else:
-            # a run with other settings: replaced
+            # nothing there, or a run of other settings (the demo's own output): replaced
             _finetune_subprocess(dataclasses.replace(ft, overwrite=(runs_dir / method).exists()))
         runs[method] = load_run_info(runs_dir / method)
         timings[f"finetune {method}"] = (now() - t, cpu_seconds() - c)
@@ -246,6 +256,8 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
         if path.exists():
             cached = read_json(path)
             if (cached.get("run", {}).get("config_hash") == runs[method]["config_hash"]
+                    and cached.get("run", {}).get("inputs") == runs[method].get("inputs")
+                    and cached.get("settings", {}).get("validation_text") == val_digests
                     and cached.get("settings", {}).get("val_tokens") == cfg["eval_val_tokens"]
                     and cached.get("settings", {}).get("languages") == list(cfg["languages"])
                     and cached.get("settings", {}).get("parallel_n") == cfg["parallel_n"]):

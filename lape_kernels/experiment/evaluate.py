@@ -15,7 +15,7 @@ import torch
 from ..files import claim_output
 from .config import EvalConfig
 from .errors import ExperimentError
-from .inputs import load_corpus, load_model, pack_validation, parallel_pairs
+from .inputs import load_corpus, load_model, pack_validation, parallel_pairs, validation_digests
 from .metrics import alignment, language_perplexities, snapshot_weights, update_norms
 from .outputs import write_json_atomic
 from .progress import now
@@ -55,6 +55,7 @@ class Evaluator:
         for p in self.model.parameters():  # nothing trains here (see runtime.no_param_grads)
             p.requires_grad_(False)
         self.packed = pack_validation(self.tokenizer, corpus, languages, seq_len, val_tokens)
+        validation_text = validation_digests(corpus, languages)
         pairs = None
         if align_with != target and parallel_n > 0:
             pairs = parallel_pairs(data, target, align_with, parallel_n, cache_dir)
@@ -66,7 +67,7 @@ class Evaluator:
                          "align_with": align_with, "dtype": dtype_name(self.dt),
                          "autocast": dtype_name(self.amp) if self.amp is not None else None,
                          "val_tokens_per_language": {k: int(v.numel()) for k, v in self.packed.items()},
-                         "parallel_pairs": len(pairs[0]) if pairs else 0}
+                         "parallel_pairs": len(pairs[0]) if pairs else 0, "validation_text": validation_text}
         self.base = snapshot_weights(self.model)
         self._before: Optional[Dict[str, Any]] = None
 
@@ -128,7 +129,7 @@ class Evaluator:
             "run": {k: info.get(k) for k in ("method", "language", "model", "steps", "tokens_trained",
                                              "trainable_params", "total_params", "trainable_fraction",
                                              "peak_memory_bytes", "peak_memory_kind", "mean_step_time_s",
-                                             "tokens_per_s", "best", "neuron_count", "lr", "config_hash")},
+                                             "tokens_per_s", "best", "neuron_count", "lr", "config_hash", "inputs")},
             "run_dir": str(run_dir),
             "after": after,
             "ppl_change": change,

@@ -15,7 +15,7 @@ import torch
 from .errors import ExperimentError, one_line, reworded
 
 __all__ = ["load_model", "model_intermediate_size", "load_corpus", "corpus_languages", "parallel_pairs",
-           "corpus_texts", "pack", "pack_split", "pack_validation", "is_builtin", "PARALLEL_FILE"]
+           "corpus_texts", "pack", "pack_split", "pack_validation", "validation_digests", "is_builtin", "PARALLEL_FILE"]
 
 BUILTIN = ("", "builtin")
 _TEXT_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".csv", ".parquet")
@@ -249,6 +249,13 @@ def pack_split(tokenizer: Any, corpus: Mapping[str, Any], lang: str, split: str,
     """One language's split, packed (the error names the language and the split)."""
     return pack(tokenizer, corpus_texts(corpus, lang, split), seq_len, max_tokens=max_tokens,
                 what=f"language {lang!r} {split} split")
+
+
+def validation_digests(corpus: Mapping[str, Any], languages: Sequence[str]) -> Dict[str, str]:
+    """The content digest of each language's validation text (what an evaluation measured)."""
+    from ..files import text_digest
+
+    return {lang: text_digest(corpus_texts(corpus, lang, "validation")) for lang in languages}
 
 
 def pack_validation(tokenizer: Any, corpus: Mapping[str, Any], languages: Sequence[str], seq_len: int,

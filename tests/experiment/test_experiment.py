@@ -89,6 +89,31 @@ def test_demo_rerun_reuses_finished_stages(demo, capsys):
     assert before == after
 
 
+def test_demo_rerun_on_an_edited_text_recomputes_what_read_it(demo, capsys):
+    """Same settings, other content: the runs that read the edited target text are trained again
+    and every evaluation is measured again (before: the demo compared settings only and kept the
+    old results until --fresh). Edits the fixture's corpus in place: the last test using it."""
+    args, out = demo["args"], demo["out"]
+    corpus = Path(args[args.index("--data") + 1])
+    old_runs = {m: json.loads((out / "runs" / m / "run.json").read_text()) for m in ("neurons", "random", "full")}
+    old_eval = json.loads((out / "eval" / "full.json").read_text())
+    path = corpus / "aa.txt"  # same size and alphabet, other order: only the content tells it apart
+    path.write_text("\n".join(reversed(path.read_text().splitlines())) + "\n")
+    capsys.readouterr()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    # full: same settings, edited text -> recomputed; neurons/random: the statistics (and so the
+    # neuron set, part of their settings) changed too -> trained again as runs of new settings
+    assert f"full: {out / 'runs' / 'full'} recomputed" in captured.out, captured.out
+    assert "reusing" not in captured.out
+    for method in ("neurons", "random", "full"):
+        new_run = json.loads((out / "runs" / method / "run.json").read_text())
+        assert new_run["inputs"] != old_runs[method]["inputs"]
+    new_eval = json.loads((out / "eval" / "full.json").read_text())
+    assert new_eval["settings"]["validation_text"] != old_eval["settings"]["validation_text"]
+    assert new_eval["run"]["inputs"] == json.loads((out / "runs" / "full" / "run.json").read_text())["inputs"]
+
+
 # ----------------------------------------------------------------------------- pieces
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), b=st.integers(1, 9), seed=st.integers(0, 2 ** 31), start=st.integers(0, 20))
