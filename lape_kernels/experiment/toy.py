@@ -38,10 +38,10 @@ def _line(rng: random.Random, alphabet: str, lo: int, hi: int) -> str:
 
 
 def make_toy_setup(root: str, family: str = "llama", lines: int = 300, seed: int = 0,
-                   alphabets: Optional[Dict[str, str]] = None) -> Tuple[Path, Path]:
+                   alphabets: Optional[Dict[str, str]] = None, num_layers: int = 2, **overrides) -> Tuple[Path, Path]:
     """Write ``root/model`` (tiny ``family`` model + char tokenizer), ``root/corpus``
     (``<lang>.txt`` per language, ``parallel.jsonl``) and ``root/demo.json``. Returns
-    (model_dir, corpus_dir)."""
+    (model_dir, corpus_dir). ``overrides``: config fields of the model (e.g. ``num_experts``)."""
     from ..testing import tiny_model, tiny_tokenizer
 
     root_p = Path(root)
@@ -49,7 +49,8 @@ def make_toy_setup(root: str, family: str = "llama", lines: int = 300, seed: int
     model_dir, corpus_dir = root_p / "model", root_p / "corpus"
     model_dir.mkdir(parents=True, exist_ok=True)
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    tiny_model(family, seed=seed, num_layers=2, intermediate=128, varied_signs=False).save_pretrained(model_dir)
+    tiny_model(family, seed=seed, num_layers=num_layers, intermediate=128, varied_signs=False,
+               **overrides).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     rng = random.Random(seed)
     for lang, alphabet in alphabets.items():
