@@ -113,3 +113,21 @@ def test_expert_heatmap_and_table(tmp_path):
     with pytest.raises(ValueError, match="no dense MLP layers .* use plot_expert_heatmap"):
         plot_heatmap(no_dense, tmp_path / "z.png")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "z.png").exists()
+
+
+def test_moe_heatmap_script(tmp_path):
+    """examples/moe_heatmap.py (the README's figure) on a smaller budget: the PNG and the tables of
+    the neuron set it identified."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import moe_heatmap
+    finally:
+        sys.path.pop(0)
+    png = moe_heatmap.run("mixtral", str(tmp_path / "out"), tokens=512, top_rate=0.05, work=str(tmp_path / "work"))
+    assert png.name == "moe_neurons_per_expert.png" and png.stat().st_size > 1000
+    ns = lk.NeuronSet.load(tmp_path / "work" / "neurons")
+    assert ns.expert_layout == ((0, 1, 2, 3), 8, 128)
+    text = (tmp_path / "out" / "moe_neurons_per_expert.md").read_text()
+    for lang in ns.languages:
+        first = ns.expert_counts(lang)[0].tolist()
+        assert f"| 0 | {' | '.join(map(str, first))} |" in text
