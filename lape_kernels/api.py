@@ -17,7 +17,7 @@ from .training.sparse_mlp import (
     RECOMPUTE_MODES,
     check_can_add_parameters,
     has_trainable_neurons,
-    select_neurons,
+    select,
     set_recompute,
     set_trainable_neurons,
 )
@@ -33,6 +33,7 @@ def patch(
     chunked_loss: bool = True,
     recompute: Optional[str] = None,
     keep_trainable: Optional[bool] = None,
+    expert_neurons: Any = None,
 ) -> nn.Module:
     """Route ``model``'s MLPs through lape_kernels ops (in place; returns ``model``).
 
@@ -42,6 +43,11 @@ def patch(
     is frozen, unless ``keep_trainable=True``: then parameters that already require grad (e.g. a
     PEFT adapter's LoRA weights) stay trainable too. Left unset, freezing trainable adapter
     weights warns.
+    ``expert_neurons`` (a list over the MoE layers of lists over experts of int64 index tensors,
+    or a ``NeuronSet`` with expert indices and ``language``) does the same for the routed experts
+    of a mixture-of-experts model: the selected rows of each expert's gate/up and columns of its
+    down train as small parameters, the stacked expert weights stay frozen. ``neurons`` and
+    ``expert_neurons`` may be given together (e.g. Qwen2-MoE: shared experts and routed experts).
     ``chunked_loss`` makes ``model(..., labels=...)`` use the memory-lean chunked LM-head loss.
     ``recompute`` ("none", "up" or "gate_up"; sparse training only) makes the sparse MLPs
     recompute those projections in backward instead of keeping them: less activation memory, one
@@ -56,29 +62,31 @@ def patch(
     if keep_trainable is not None and not isinstance(keep_trainable, bool):
         raise TypeError(f"keep_trainable must be True, False or None, got {keep_trainable!r}")
     outer, model = model, unwrap(model)
+    sparse = neurons is not None or expert_neurons is not None
+    what = "patch(neurons=...)" if expert_neurons is None else "patch(expert_neurons=...)"
     if recompute is not None:
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
-        if neurons is None and not has_trainable_neurons(model):
+        if not sparse and not has_trainable_neurons(model):
             raise ValueError("recompute applies to sparse neuron training: pass neurons= as well")
-    if keep_trainable is not None and neurons is None:
+    if keep_trainable is not None and not sparse:
         raise ValueError("keep_trainable applies to sparse neuron training: pass neurons= as well")
-    if neurons is not None:
-        check_not_recording(model, "patch(neurons=...)")
-        check_can_add_parameters(outer, "patch(neurons=...)")
-        check_no_mlp_adapters(model, "patch(neurons=...)")
-        select_neurons(model, neurons, language)  # raises on a bad selection, before any change
+    if sparse:
+        check_not_recording(model, what)
+        check_can_add_parameters(outer, what)
+        check_no_mlp_adapters(model, what)
+        select(model, neurons, language, expert_neurons)  # raises on a bad selection, before any change
     if chunked_loss:
         check_chunked_loss(model)
     was_patched, had_loss = is_patched(model), has_chunked_loss(model)
-    frozen_adapters = trainable_adapter_parameters(model) if neurons is not None and not keep_trainable else []
+    frozen_adapters = trainable_adapter_parameters(model) if sparse and not keep_trainable else []
     try:
         patch_mlps(model)
         if chunked_loss:
             install_chunked_loss(model)
-        if neurons is not None:
+        if sparse:
             set_trainable_neurons(model, neurons, language=language, recompute=recompute or "none",
-                                  keep_trainable=bool(keep_trainable))
+                                  keep_trainable=bool(keep_trainable), expert_neurons=expert_neurons)
         elif recompute is not None:
             set_recompute(model, recompute)
     except BaseException:

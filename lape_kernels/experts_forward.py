@@ -16,7 +16,7 @@ A token routed to k experts counts once for each (top-k). ``routed [K, E]`` coun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import nn
 
 from .introspection import EXPERTS_IMPLEMENTATIONS, experts_implementation
 
-__all__ = ["PatchedExpertsState", "lape_experts_forward", "routed_counts"]
+__all__ = ["PatchedExpertsState", "ExpertsFFN", "lape_experts_forward", "run_experts", "routed_counts"]
 
 
 @dataclass
@@ -41,6 +41,7 @@ class PatchedExpertsState:
     #: set by ``deactivate``: bool [E, I] on the weights' device, True = zeroed
     deactivated: Optional[torch.Tensor] = None
     #: set by sparse training: an object with ``forward(experts, hidden, top_k_index, top_k_weights)``
+    #: (which routes through :func:`run_experts` with its own :class:`ExpertsFFN`)
     sparse: Any = None
 
 
@@ -105,30 +106,88 @@ def _act_mul(st: PatchedExpertsState, gate: torch.Tensor, up: torch.Tensor, row_
     return h
 
 
-def _eager(self: nn.Module, st, hidden_states, top_k_index, top_k_weights, token_lang, counts):
+class ExpertsFFN(Protocol):
+    """The experts' per-row computation ``down_e(act(gate_e x) * up_e x)`` inside the routing of one
+    experts implementation (the routing, the routing weights and the sum are the implementation's
+    own, in ``_eager`` / ``_grouped`` / ``_batched``). The patched forward uses the module's own
+    GEMMs with our act·mul (:class:`_OwnGEMMs`); sparse training plugs in its own
+    (``lape_kernels.training.sparse_experts``)."""
+
+    def eager(self, experts: nn.Module, rows: List[torch.Tensor], hits: List[int],
+              tokens: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The eager loop's per-expert outputs: ``rows[j]`` are the hidden states of the tokens
+        ``tokens[j]`` routed to expert ``hits[j]`` (experts in ascending order)."""
+        ...
+
+    def grouped(self, experts: nn.Module, rows: torch.Tensor, row_expert: torch.Tensor, offsets: torch.Tensor,
+                row_token: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert (``row_expert`` ascending, ``offsets`` the int32 cumulative counts)."""
+        ...
+
+    def batched(self, experts: nn.Module, rows: torch.Tensor, row_expert: torch.Tensor,
+                row_token: torch.Tensor) -> torch.Tensor:
+        """Rows in token order, each token repeated top-k times (``row_expert`` its experts)."""
+        ...
+
+
+class _OwnGEMMs:
+    """The module's own GEMMs (the same calls as the implementation), act(gate) * up by our op,
+    counted into ``counts`` when recording; deactivated neurons zeroed."""
+
+    def __init__(self, st: PatchedExpertsState, token_lang: Optional[torch.Tensor], counts: Optional[_Counts]) -> None:
+        self.st, self.token_lang, self.counts = st, token_lang, counts
+
+    def _lang(self, row_token: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.token_lang is None else self.token_lang[row_token]
+
+    def eager(self, experts, rows, hits, tokens):
+        out = []
+        for e, current_state, token_idx in zip(hits, rows, tokens):
+            gate, up = F.linear(current_state, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            h = _act_mul(self.st, gate, up, self._lang(token_idx), self.counts, e, None)
+            out.append(F.linear(h, experts.down_proj[e]))
+        return out
+
+    def grouped(self, experts, rows, row_expert, offsets, row_token):
+        from transformers.integrations.moe import _grouped_linear
+
+        proj_out = _grouped_linear(rows, experts.gate_up_proj, offsets, bias=None, is_transposed=False)
+        gate, up = proj_out.chunk(2, dim=-1)
+        proj_out = _act_mul(self.st, gate, up, self._lang(row_token), self.counts, None, row_expert)
+        return _grouped_linear(proj_out, experts.down_proj, offsets, bias=None, is_transposed=False)
+
+    def batched(self, experts, rows, row_expert, row_token):
+        from transformers.integrations.moe import _batched_linear
+
+        proj_out = _batched_linear(rows, experts.gate_up_proj[row_expert], bias=None, is_transposed=False)
+        gate, up = proj_out.chunk(2, dim=-1)
+        proj_out = _act_mul(self.st, gate, up, self._lang(row_token), self.counts, None, row_expert)
+        return _batched_linear(proj_out, experts.down_proj[row_expert], bias=None, is_transposed=False)
+
+
+def _eager(self: nn.Module, hidden_states, top_k_index, top_k_weights, ffn: ExpertsFFN):
     final_hidden_states = torch.zeros_like(hidden_states)
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1)
         expert_mask = expert_mask.permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    hits, positions, tokens = [], [], []
     for expert_idx in expert_hit:
         expert_idx = expert_idx[0]
         if expert_idx == self.num_experts:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current_state = hidden_states[token_idx]
-        gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        lang = None if token_lang is None else token_lang[token_idx]
-        h = _act_mul(st, gate, up, lang, counts, int(expert_idx), None)
-        h = F.linear(h, self.down_proj[expert_idx])
+        hits.append(int(expert_idx))
+        positions.append(top_k_pos)
+        tokens.append(token_idx)
+    outs = ffn.eager(self, [hidden_states[t] for t in tokens], hits, tokens)
+    for h, top_k_pos, token_idx in zip(outs, positions, tokens):
         h = h * top_k_weights[token_idx, top_k_pos, None]
         final_hidden_states.index_add_(0, token_idx, h.to(final_hidden_states.dtype))
     return final_hidden_states
 
 
-def _grouped(self: nn.Module, st, hidden_states, top_k_index, top_k_weights, token_lang, counts):
-    from transformers.integrations.moe import _grouped_linear
-
+def _grouped(self: nn.Module, hidden_states, top_k_index, top_k_weights, ffn: ExpertsFFN):
     device = hidden_states.device
     num_top_k = top_k_index.size(-1)
     num_tokens = hidden_states.size(0)
@@ -142,11 +201,7 @@ def _grouped(self: nn.Module, st, hidden_states, top_k_index, top_k_weights, tok
     histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
     tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-    proj_out = _grouped_linear(selected_hidden_states_g, self.gate_up_proj, offsets, bias=None, is_transposed=False)
-    gate, up = proj_out.chunk(2, dim=-1)
-    lang = None if token_lang is None else token_lang[token_g]
-    proj_out = _act_mul(st, gate, up, lang, counts, None, expert_ids_g)
-    proj_out = _grouped_linear(proj_out, self.down_proj, offsets, bias=None, is_transposed=False)
+    proj_out = ffn.grouped(self, selected_hidden_states_g, expert_ids_g, offsets, token_g)
     weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=device)
@@ -155,20 +210,15 @@ def _grouped(self: nn.Module, st, hidden_states, top_k_index, top_k_weights, tok
     return final_hidden_states.to(hidden_states.dtype)
 
 
-def _batched(self: nn.Module, st, hidden_states, top_k_index, top_k_weights, token_lang, counts):
-    from transformers.integrations.moe import _batched_linear
-
+def _batched(self: nn.Module, hidden_states, top_k_index, top_k_weights, ffn: ExpertsFFN):
     num_top_k = top_k_index.size(-1)
     num_tokens = hidden_states.size(0)
     hidden_dim = hidden_states.size(-1)
     selected_hidden_states = hidden_states.repeat_interleave(num_top_k, dim=0)
     sample_weights = top_k_weights.reshape(-1)
     expert_ids = top_k_index.reshape(-1)
-    proj_out = _batched_linear(selected_hidden_states, self.gate_up_proj[expert_ids], bias=None, is_transposed=False)
-    gate, up = proj_out.chunk(2, dim=-1)
-    lang = None if token_lang is None else token_lang.repeat_interleave(num_top_k)
-    proj_out = _act_mul(st, gate, up, lang, counts, None, expert_ids)
-    proj_out = _batched_linear(proj_out, self.down_proj[expert_ids], bias=None, is_transposed=False)
+    row_token = torch.arange(num_tokens, device=hidden_states.device).repeat_interleave(num_top_k)
+    proj_out = ffn.batched(self, selected_hidden_states, expert_ids, row_token)
     weighted_out = proj_out * sample_weights.unsqueeze(-1)
     final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
     return final_hidden_states.to(hidden_states.dtype)
@@ -178,6 +228,22 @@ _IMPLEMENTATIONS = {"eager": _eager, "grouped_mm": _grouped, "batched_mm": _batc
 assert tuple(_IMPLEMENTATIONS) == EXPERTS_IMPLEMENTATIONS
 
 
+def run_experts(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, ffn: ExpertsFFN) -> torch.Tensor:
+    """The experts call as the selected implementation routes it, with ``ffn`` computing each
+    expert's rows (what sparse training's override calls)."""
+    st: PatchedExpertsState = experts._lape
+    impl = experts_implementation(experts)
+    run = _IMPLEMENTATIONS.get(impl)
+    if run is None:
+        raise RuntimeError(f"experts of decoder layer {st.layer_index}: experts implementation {impl!r} is not one "
+                           f"lape_kernels computes ({', '.join(EXPERTS_IMPLEMENTATIONS)}); set another with "
+                           "model.set_experts_implementation(...) or unpatch")
+    if getattr(experts, "_is_expert_parallel", False):
+        raise RuntimeError(f"experts of decoder layer {st.layer_index}: expert parallelism is not supported")
+    return run(experts, hidden_states, top_k_index, top_k_weights, ffn)
+
+
 def lape_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """The patched experts forward: the selected implementation's computation, act(gate) * up by
@@ -185,19 +251,11 @@ def lape_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     st: PatchedExpertsState = self._lape
     if st.sparse is not None:
         return st.sparse.forward(self, hidden_states, top_k_index, top_k_weights)
-    impl = experts_implementation(self)
-    run = _IMPLEMENTATIONS.get(impl)
-    if run is None:
-        raise RuntimeError(f"experts of decoder layer {st.layer_index}: experts implementation {impl!r} is not one "
-                           f"lape_kernels computes ({', '.join(EXPERTS_IMPLEMENTATIONS)}); set another with "
-                           "model.set_experts_implementation(...) or unpatch")
-    if getattr(self, "_is_expert_parallel", False):
-        raise RuntimeError(f"experts of decoder layer {st.layer_index}: expert parallelism is not supported")
     token_lang, counts = None, None
     if st.recorder is not None:
         token_lang, num_langs = st.recorder.token_lang(hidden_states.shape[0], hidden_states.device)
         counts = _Counts(st, num_langs, hidden_states.device)
-    out = run(self, st, hidden_states, top_k_index, top_k_weights, token_lang, counts)
+    out = run_experts(self, hidden_states, top_k_index, top_k_weights, _OwnGEMMs(st, token_lang, counts))
     if counts is not None:
         routed = routed_counts(top_k_index, token_lang, counts.num_langs, st.num_experts)
         st.recorder.accumulate_experts(st.moe_index, counts.over_zero, counts.act_sum, routed)

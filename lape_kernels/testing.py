@@ -28,6 +28,7 @@ __all__ = [
     "TINY_MOE_FAMILIES",
     "expert_hook_counts",
     "random_expert_neurons",
+    "live_expert_neurons",
     "TINY_HIDDEN",
     "TINY_VOCAB",
     "PAD_ID",
@@ -427,6 +428,30 @@ def random_expert_neurons(num_moe_layers: int, num_experts: int, intermediate: i
             for _ in range(num_moe_layers)]
 
 
+def live_expert_neurons(model: nn.Module, input_ids: torch.Tensor, k: int, seed: int = 0) -> List[List[torch.Tensor]]:
+    """Per MoE layer and expert, up to ``k`` random neurons whose gate row, up row and down column
+    all get a clear gradient from a next-token loss on ``input_ids`` (a "dead" or unrouted
+    neuron's AdamW update is float noise on which two exact methods may disagree; LAPE selects
+    active neurons). Sorted int64, from one seeded generator."""
+    probe = copy.deepcopy(model)
+    if is_patched(probe):
+        unpatch(probe)
+    experts = discover(probe, probe=False).experts
+    for x in experts:
+        x.module.gate_up_proj.requires_grad_(True)
+        x.module.down_proj.requires_grad_(True)
+    probe(input_ids=input_ids, labels=input_ids).loss.backward()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for x in experts:
+        gu, gd = x.module.gate_up_proj.grad.float(), x.module.down_proj.grad.float().transpose(1, 2)
+        parts = (gu[:, : x.intermediate_size], gu[:, x.intermediate_size :], gd)
+        score = torch.stack([t.abs().amin(-1) / t.abs().amax().clamp_min(1e-30) for t in parts]).amin(0)
+        live = [torch.nonzero(s > 1e-4).flatten() for s in score]
+        out.append([t[torch.randperm(t.numel(), generator=g)[:k]].sort().values for t in live])
+    return out
+
+
 # ----------------------------------------------------------------------------- slice training
 
 
@@ -462,22 +487,72 @@ def adamw_steps(model: nn.Module, params: Sequence[nn.Parameter], input_ids: tor
     return losses
 
 
-def slice_training(model: nn.Module, neurons: Sequence[torch.Tensor]) -> List[nn.Parameter]:
+class _ScatterExpertSlices(nn.Module):
+    """Parametrization of a stacked expert weight (``gate_up_proj [E, 2I, H]`` or ``down_proj
+    [E, H, I]``): a clone with the selected (expert, neuron) gate/up rows or down columns
+    replaced by the trainable slices ``[K, H]`` (gate, up) or ``[H, K]`` (down)."""
+
+    def __init__(self, down: bool, expert: torch.Tensor, neuron: torch.Tensor, slices: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.down = down
+        self.register_buffer("expert", expert)
+        self.register_buffer("neuron", neuron)
+        self.slices = nn.ParameterList([nn.Parameter(s) for s in slices])
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.clone()
+        if self.down:  # w[e, :, i] = column of the slice
+            w[self.expert, :, self.neuron] = self.slices[0].t()
+        else:  # gate rows [0, I), up rows [I, 2I)
+            inter = w.shape[1] // 2
+            w[self.expert, self.neuron] = self.slices[0]
+            w[self.expert, self.neuron + inter] = self.slices[1]
+        return w
+
+
+def slice_training(model: nn.Module, neurons: Optional[Sequence[torch.Tensor]],
+                   expert_neurons: Optional[Sequence[Sequence[torch.Tensor]]] = None) -> List[nn.Parameter]:
     """The paper's slice training, installed in place on an UNPATCHED model: every parameter is
     frozen, and each selected neuron's gate row, up row and down column become trainable
     slices written into a clone of the full weight on every forward (a parametrization), with
     dense autograd through it (dense weight-shaped gradients, as the paper's implementation).
+    ``expert_neurons`` (per MoE layer, per expert, sorted indices) does the same for routed
+    experts: their stacked weights are cloned and spliced, and the model's own experts
+    implementation runs on them.
 
     Returns the slices in the order of ``lape_kernels.trainable_parameters`` (gate rows, up
-    rows, down columns, layer by layer; layers without neurons have none)."""
+    rows, down columns, layer by layer; layers without neurons have none; then the same per MoE
+    layer over its selected (expert, neuron) pairs, expert-major)."""
     from torch.nn.utils import parametrize
 
     if is_patched(model):
         raise ValueError("slice_training is the unpatched baseline: unpatch the model first")
-    family = family_for(model)
     for p in model.parameters():
         p.requires_grad_(False)
     params: List[nn.Parameter] = []
+    experts = discover(model, probe=False).experts if expert_neurons is not None else ()
+    if neurons is not None:
+        _slice_training_mlps(model, neurons, params)
+    for x, per_expert in zip(experts, expert_neurons or ()):
+        counts = [int(t.numel()) for t in per_expert]
+        if not sum(counts):
+            continue
+        gate_up, down = x.module.gate_up_proj, x.module.down_proj
+        expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(down.device)
+        neuron = torch.cat(list(per_expert)).to(down.device)
+        gu = _ScatterExpertSlices(False, expert, neuron, [gate_up[expert, neuron].clone(),
+                                                          gate_up[expert, neuron + x.intermediate_size].clone()])
+        dn = _ScatterExpertSlices(True, expert, neuron, [down[expert, :, neuron].t().contiguous()])
+        parametrize.register_parametrization(x.module, "gate_up_proj", gu, unsafe=True)
+        parametrize.register_parametrization(x.module, "down_proj", dn, unsafe=True)
+        params.extend(list(gu.slices) + list(dn.slices))
+    return params
+
+
+def _slice_training_mlps(model: nn.Module, neurons: Sequence[torch.Tensor], params: List[nn.Parameter]) -> None:
+    from torch.nn.utils import parametrize
+
+    family = family_for(model)
 
     def scatter(linear: nn.Linear, dim: int, index: torch.Tensor, slices: List[torch.Tensor]) -> None:
         mod = _ScatterSlices(dim, index, [s.detach().clone() for s in slices])
@@ -496,14 +571,14 @@ def slice_training(model: nn.Module, neurons: Sequence[torch.Tensor]) -> List[nn
             scatter(getattr(mlp, family.gate_name), 0, sel, [wg[sel]])
             scatter(getattr(mlp, family.up_name), 0, sel, [wu[sel]])
         scatter(getattr(mlp, family.down_name), 1, sel, [wd[:, sel]])
-    return params
 
 
 def bake_slice_training(model: nn.Module) -> nn.Module:
     """Write the trained slices into the weights and remove the parametrizations."""
     from torch.nn.utils import parametrize
 
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    for module in list(model.modules()):
+        for name in ("weight", "gate_up_proj", "down_proj"):
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model

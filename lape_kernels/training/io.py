@@ -23,10 +23,11 @@ from .. import patching
 from ..dtypes import FLOAT_DTYPES, dtype_name
 from ..files import load_safetensors
 from ..fingerprint import check_model, model_fingerprint, unknown_note
-from ..introspection import mlp_shape, text_config
+from ..introspection import expert_shape, mlp_shape, text_config
 from ..neurons.neuron_set import check_layer_indices
 from .loss import install_chunked_loss
 from ..wrappers import unwrap
+from .sparse_experts import split_flat_index
 from .sparse_mlp import INDEX_NAME, PARAM_NAMES, check_can_add_parameters, has_trainable_neurons, set_trainable_neurons
 
 __all__ = ["save_neurons", "load_neurons", "merge", "NeuronFileError", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
@@ -79,9 +80,24 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
             t = getattr(mlp, attr).detach()
             tensors[f"layers.{li}.{key}"] = t.to("cpu").contiguous()
         dtype = getattr(mlp, PARAM_NAMES[0]).dtype
+    experts_config, expert_total = None, 0
+    shape = expert_shape(model)
+    if shape is not None:
+        expert_counts = []
+        for m, experts in enumerate(patching.patched_experts(model)):
+            if experts._lape.sparse is None:
+                expert_counts.append([0] * shape.num_experts)
+                continue
+            starts = experts._lape.sparse.starts
+            expert_counts.append([b - a for a, b in zip(starts[:-1], starts[1:])])
+            for key, attr in _KEYS.items():
+                tensors[f"experts.{m}.{key}"] = getattr(experts, attr).detach().to("cpu").contiguous()
+            dtype = dtype or getattr(experts, PARAM_NAMES[0]).dtype
+        expert_total = sum(map(sum, expert_counts))
+        experts_config = {**{k: (list(v) if k == "layers" else v) for k, v in shape._asdict().items()},
+                          "counts": expert_counts}
     if dtype is None:
-        wg, _, _ = patching.weights(patching.patched_mlps(model)[0])
-        dtype = wg.dtype
+        dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -89,9 +105,11 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
         "model_fingerprint": model_fingerprint(model),
         "dtype": dtype_name(dtype),
         "counts": counts,
-        "total_neurons": sum(counts),
+        "total_neurons": sum(counts) + expert_total,
         "language": model._lape_sparse.get("language"),
     }
+    if experts_config is not None:
+        config["experts"] = experts_config
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return path
@@ -155,6 +173,63 @@ def load_neurons(model: nn.Module, path: Union[str, Path], *, allow_other_model:
     return outer
 
 
+def _expected_expert_keys(path: Path, config: Dict[str, Any], model: nn.Module) -> set:
+    """The tensor names the file's expert part promises (checked against the model's experts)."""
+    ex = config.get("experts")
+    if ex is None:
+        return set()
+    shape = expert_shape(model)
+    if shape is None:
+        raise NeuronFileError(f"{path}: the neurons include expert neurons, the model has no mixture-of-experts layers")
+    if not isinstance(ex, dict):
+        raise NeuronFileError(f"{path}: 'experts' must be an object, got {type(ex).__name__}")
+    want = {**shape._asdict(), "layers": list(shape.layers)}
+    for key, value in want.items():
+        if ex.get(key) != value:
+            raise NeuronFileError(f"{path}: experts {key} mismatch: file has {ex.get(key)!r}, model has {value!r}")
+    counts, M, E = ex.get("counts"), len(shape.layers), shape.num_experts
+    if not (isinstance(counts, list) and len(counts) == M and all(
+            isinstance(c, list) and len(c) == E and all(isinstance(n, int) and 0 <= n <= shape.intermediate_size
+                                                        for n in c) for c in counts)):
+        raise NeuronFileError(f"{path}: experts 'counts' must list {M} lists of {E} ints in [0, "
+                              f"{shape.intermediate_size}], got {counts!r}")
+    return {f"experts.{m}.{key}" for m, c in enumerate(counts) if sum(c) for key in _KEYS}
+
+
+def _expert_indices(path: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor],
+                    dtype: torch.dtype) -> Any:
+    """Per MoE layer, per expert, the saved indices (shapes, dtypes and order checked)."""
+    ex = config.get("experts")
+    if ex is None:
+        return None
+    E, I, H = ex["num_experts"], ex["intermediate_size"], ex["hidden_size"]
+    out = []
+    for m, c in enumerate(ex["counts"]):
+        k = sum(c)
+        if not k:
+            out.append([torch.zeros(0, dtype=torch.int64)] * E)
+            continue
+        shapes = {"index": (k,), "gate_rows": (k, H), "up_rows": (k, H), "down_cols": (H, k)}
+        for key, shape in shapes.items():
+            t = tensors[f"experts.{m}.{key}"]
+            want = torch.int64 if key == "index" else dtype
+            if tuple(t.shape) != shape or t.dtype != want:
+                raise NeuronFileError(f"{path}: experts.{m}.{key} is {t.dtype} {tuple(t.shape)}, expected {want} {shape}")
+        flat = tensors[f"experts.{m}.index"]
+        try:
+            _, was_sorted = check_layer_indices(flat, f"experts.{m}.index", E * I, int64_tensor=True)
+            if not was_sorted:
+                raise ValueError("not sorted")
+        except (TypeError, ValueError) as exc:
+            raise NeuronFileError(f"{path}: experts.{m}.index must be sorted unique flat indices expert * {I} + neuron "
+                                  f"in [0, {E * I}) ({exc})") from None
+        per_expert = split_flat_index(flat, I, E)
+        if [int(t.numel()) for t in per_expert] != list(c):
+            raise NeuronFileError(f"{path}: experts.{m}.index does not match experts 'counts'[{m}] {c}")
+        out.append(per_expert)
+    return out
+
+
 def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
     info = _model_info(model)
     for key in ("num_layers", "hidden_size", "intermediate_size"):
@@ -168,6 +243,7 @@ def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict
     if dtype is None:
         raise NeuronFileError(f"{path}: unsupported dtype {config['dtype']!r} (one of {sorted(FLOAT_DTYPES)})")
     expected = {f"layers.{li}.{key}" for li, c in enumerate(counts) if c for key in _KEYS}
+    expected |= _expected_expert_keys(path, config, model)
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise NeuronFileError(f"{path}: tensors do not match 'counts' (missing {missing[:4]}, unexpected {extra[:4]})")
@@ -194,7 +270,8 @@ def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict
             raise NeuronFileError(f"{path}: layers.{li}.index must be sorted unique indices in [0, {I}) ({exc})") from None
         indices.append(idx)
         values.append(tuple(tensors[f"layers.{li}.{key}"] for key in ("gate_rows", "up_rows", "down_cols")))
-    set_trainable_neurons(model, indices)
+    expert_indices = _expert_indices(path, config, tensors, dtype)
+    set_trainable_neurons(model, indices if L else None, expert_neurons=expert_indices)
     model._lape_sparse["language"] = config.get("language")
     with torch.no_grad():
         for mlp, vals in zip(patching.patched_mlps(model), values):
@@ -203,6 +280,12 @@ def _install(model: nn.Module, path: Path, config: Dict[str, Any], tensors: Dict
             for name, v in zip(PARAM_NAMES, vals):
                 p = getattr(mlp, name)
                 p.copy_(v.to(device=p.device, dtype=p.dtype))
+        for m, experts in enumerate(patching.patched_experts(model)):
+            if experts._lape.sparse is None:
+                continue
+            for key, name in list(_KEYS.items())[1:]:
+                p = getattr(experts, name)
+                p.copy_(tensors[f"experts.{m}.{key}"].to(device=p.device, dtype=p.dtype))
 
 
 @torch.no_grad()
@@ -220,5 +303,16 @@ def merge(model: nn.Module) -> nn.Module:
         wg.index_copy_(0, sel, getattr(mlp, PARAM_NAMES[0]).detach().to(wg.dtype))
         wu.index_copy_(0, sel, getattr(mlp, PARAM_NAMES[1]).detach().to(wu.dtype))
         wd.index_copy_(1, sel, getattr(mlp, PARAM_NAMES[2]).detach().to(wd.dtype))
+    for experts in patching.patched_experts(model):
+        if experts._lape.sparse is None:
+            continue
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        inter = down.shape[-1]
+        flat = getattr(experts, INDEX_NAME)
+        expert, local = torch.div(flat, inter, rounding_mode="floor"), flat % inter
+        pg, pu, pd = (getattr(experts, n).detach() for n in PARAM_NAMES)
+        gate_up[expert, local] = pg.to(gate_up.dtype)
+        gate_up[expert, local + inter] = pu.to(gate_up.dtype)
+        down[expert, :, local] = pd.t().to(down.dtype)
     patching.unpatch(model)
     return outer

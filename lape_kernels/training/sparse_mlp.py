@@ -10,25 +10,27 @@ clones the full weight each step and gets a dense gradient). See docs/ARCHITECTU
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import patching
 from ..introspection import mlp_modules, mlp_shape
 from ..neurons.neuron_set import check_layer_indices
 from ..wrappers import describe_adapters, mlp_adapters, parameter_wrapper, unwrap
-from ._autograd import per_device_function
+from ._sparse_math import INDEX_NAME, PARAM_NAMES, RECOMPUTE_MODES, SLOTS_NAME, _function_for, _ops
+from ._sparse_math import check_recompute as _check_recompute
+from ._sparse_math import warn_frozen_slices
+from .sparse_experts import clear_expert_slices, expert_selection, install_expert_slices, select_expert_neurons
 
 _CLEANUP = "sparse_neurons"
 
 __all__ = [
     "SparseState",
     "select_neurons",
+    "select",
     "set_trainable_neurons",
     "clear_trainable_neurons",
     "sparse_mlp_forward",
@@ -40,26 +42,6 @@ __all__ = [
     "PARAM_NAMES",
 ]
 
-#: names of the per-MLP trainable parameters / index buffer registered by ``set_trainable_neurons``
-PARAM_NAMES = ("lape_gate_rows", "lape_up_rows", "lape_down_cols")
-INDEX_NAME = "lape_neuron_index"
-# The index's slot map (ops.sel_slots: sel checked once here, not by every kernel call)
-SLOTS_NAME = "lape_neuron_slots"
-
-try:  # loaded up front so that a torch.compile'd region never has to import it
-    from ..kernels import ops as _kernel_ops
-except (ImportError, OSError):  # the extension is not built: the error surfaces at the first forward
-    _kernel_ops = None
-
-
-def _ops():
-    if _kernel_ops is None:
-        from ..kernels import ops  # raises the extension's clear ImportError
-
-        return ops
-    return _kernel_ops
-
-
 @dataclass
 class SparseState:
     """``mlp._lape.sparse``: the patched forward's override for an MLP with trainable neurons."""
@@ -68,117 +50,6 @@ class SparseState:
 
     def forward(self, mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
         return sparse_mlp_forward(mlp, x2)
-
-
-#: What the sparse MLP may recompute in backward instead of keeping from the forward:
-#: "none" keeps gate and up (fastest), "up" recomputes up (one more [T,H]x[H,I] GEMM per layer,
-#: saves T*I values per layer), "gate_up" recomputes both (two GEMMs, saves 2*T*I).
-RECOMPUTE_MODES = ("none", "up", "gate_up")
-
-
-# ----------------------------------------------------------------------------- autograd
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
-def _project(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], p: torch.Tensor, sel: torch.Tensor,
-             cdt: torch.dtype) -> torch.Tensor:
-    """``F.linear(x, w, b)`` with rows ``sel`` of ``w`` (and ``b``) replaced by the slice ``p``."""
-    out = F.linear(x, w, b)
-    bs = None if b is None else b.index_select(0, sel)
-    out.index_copy_(1, sel, F.linear(x, p.to(cdt), bs).to(out.dtype))
-    return out
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-    """``a @ b`` of operands in the 16-bit compute dtype ``cdt`` with fp32 accumulation and an fp32
-    result: one GEMM of several pieces, summed in fp32, then rounded once, has the rounding of the
-    single GEMM the unpatched model runs over the spliced weight. CUDA: mm's out_dtype; the CPU
-    has no such kernel, so ``b`` (a weight) is upcast a block of rows at a time, never whole."""
-    with torch.autocast(a.device.type, enabled=False):
-        a = a.to(cdt)
-        if a.device.type == "cuda":
-            return torch.mm(a, b.to(cdt), out_dtype=torch.float32)
-        k = a.shape[1]
-        block = max(1, min(256, k // 2))
-        out = a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.float32)
-        for k0 in range(0, k, block):
-            out.addmm_(a[:, k0 : k0 + block].float(), b[k0 : k0 + block].to(cdt).float())
-        return out
-
-
-def _sparse_mlp_forward(ctx, x, wg, wu, wd, bg, bu, bd, pg, pu, pd, sel, activation, recompute,
-                        fused_gate_up=False, slots=None):
-    """y = down(act(gate(x)) * up(x)) with rows ``sel`` of gate/up and columns ``sel`` of down
-    replaced by the trainable slices; gradients only for x and the slices."""
-    ops = _ops()
-    cdt = _compute_dtype(x)
-    # The small trainable slices may be kept in a wider dtype (fp32 master slices);
-    # casting them is cheap ([k, H]). The big weights go through F.linear as they are
-    # (autocast casts them exactly as it does for the unpatched model).
-    pdc = pd.to(cdt)
-    gate = _project(x, wg, bg, pg, sel, cdt)
-    up = _project(x, wu, bu, pu, sel, cdt)
-    h0, hs = ops.act_mul_split(gate, up, activation, sel, slots)
-    if cdt == torch.float32:
-        y = F.linear(h0, wd, bd)
-        y = y + F.linear(hs, pdc).to(y.dtype)
-    else:  # 16-bit: the two parts summed in fp32 and rounded once, as F.linear(h, Wd') does
-        y = _mm_fp32(h0, wd.t(), cdt) + _mm_fp32(hs, pdc.t(), cdt)
-        y = (y if bd is None else y + bd.to(cdt).float()).to(cdt)
-    # Saved: x and, unless recomputed in backward, gate and up ([T, I] each: the bulk of
-    # a sparse step's activation memory); h is recomputed by act_mul_backward_split. The
-    # weights are references, not copies.
-    ctx.save_for_backward(x, gate if recompute != "gate_up" else None, up if recompute == "none" else None,
-                          wg, wu, wd, bg, bu, pg, pu, pd, sel, slots)
-    ctx.activation = activation
-    ctx.fused_gate_up = fused_gate_up
-    return y
-
-
-def _sparse_mlp_backward(ctx, dy):
-    ops = _ops()
-    x, gate, up, wg, wu, wd, bg, bu, pg, pu, pd, sel, slots = ctx.saved_tensors
-    cdt = _compute_dtype(x)
-    # recomputation repeats the forward's ops on the same inputs under the same autocast
-    # state (custom_bwd), so it reproduces gate/up exactly
-    if gate is None:
-        gate = _project(x, wg, bg, pg, sel, cdt)
-    if up is None:
-        up = _project(x, wu, bu, pu, sel, cdt)
-    cdt = gate.dtype
-    pgc, puc, pdc = pg.to(cdt), pu.to(cdt), pd.to(cdt)
-    dy = dy.reshape(-1, dy.shape[-1])
-    dh = torch.matmul(dy, wd).to(cdt)  # [T, I]; columns sel are replaced below
-    dhs = torch.matmul(dy.to(cdt), pdc).to(cdt)  # [T, k]
-    dgate, dup, dgate_s, dup_s, hs = ops.act_mul_backward_split(dh, dhs, gate, up, ctx.activation, sel, slots)
-    del dh, gate, up
-    dx = None
-    if ctx.needs_input_grad[0] and cdt == torch.float32:
-        dx = torch.matmul(dgate, wg) + torch.matmul(dup, wu)
-        dx = dx + torch.matmul(dgate_s, pgc).to(dx.dtype) + torch.matmul(dup_s, puc).to(dx.dtype)
-        dx = dx.to(x.dtype)
-    elif ctx.needs_input_grad[0]:  # 16-bit: each projection's input gradient rounded once, as
-        # autograd of the spliced linears gives it (one fused gate_up GEMM: one rounding for both)
-        gx = _mm_fp32(dgate, wg, cdt) + _mm_fp32(dgate_s, pgc, cdt)
-        ux = _mm_fp32(dup, wu, cdt) + _mm_fp32(dup_s, puc, cdt)
-        if ctx.fused_gate_up:
-            dx = (gx + ux).to(cdt).to(x.dtype)
-        else:
-            dx = gx.to(cdt).to(x.dtype) + ux.to(cdt).to(x.dtype)
-    dpg = torch.matmul(dgate_s.t(), x.to(cdt)).to(pg.dtype) if ctx.needs_input_grad[7] else None
-    dpu = torch.matmul(dup_s.t(), x.to(cdt)).to(pu.dtype) if ctx.needs_input_grad[8] else None
-    dpd = torch.matmul(dy.t().to(cdt), hs).to(pd.dtype) if ctx.needs_input_grad[9] else None
-    return dx, None, None, None, None, None, None, dpg, dpu, dpd, None, None, None, None, None
-
-
-#: the sparse MLP's autograd.Function for a device type (``SparseMLPFunction_cpu``, ...)
-_function_for = per_device_function("SparseMLPFunction", _sparse_mlp_forward, _sparse_mlp_backward)
 
 
 def _check_sparse_mlp(mlp: nn.Module, layer_index: int) -> None:
@@ -191,14 +62,7 @@ def _check_sparse_mlp(mlp: nn.Module, layer_index: int) -> None:
             "the MLP (e.g. LoRA on q_proj/v_proj), or merge the adapter first (peft_model.merge_and_unload())"
         )
     if mlp.training and torch.is_grad_enabled() and not any(getattr(mlp, n).requires_grad for n in PARAM_NAMES):
-        warnings.warn(  # one message for every layer: Python's filter shows it once
-            f"the trainable neuron slices ({', '.join(PARAM_NAMES)}) are frozen "
-            "(requires_grad=False), so the neurons do not train. Something froze them after patch(neurons=...): "
-            "PEFT's get_peft_model freezes every non-adapter parameter. Apply PEFT first and then "
-            "lape_kernels.patch(peft_model, neurons=..., keep_trainable=True), or unfreeze them: "
-            "for p in lape_kernels.trainable_parameters(model): p.requires_grad_(True)",
-            stacklevel=3,
-        )
+        warn_frozen_slices()
 
 
 def sparse_mlp_forward(mlp: nn.Module, x2: torch.Tensor) -> torch.Tensor:
@@ -248,32 +112,49 @@ def _per_layer(model: nn.Module, neurons: Any, language: Optional[str]) -> List[
     return list(neurons[language])
 
 
-def select_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None) -> List[torch.Tensor]:
+def select_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None, *,
+                   allow_empty: bool = False) -> List[torch.Tensor]:
     """The per-layer sorted int64 CPU indices ``neurons`` selects, checked against the model's
     MLP weights (patched or not; nothing is changed, so ``patch`` checks before it patches).
 
     ``neurons``: per-layer list (one entry per decoder layer) of int64 index tensors, or a
-    NeuronSet with ``language``. Selecting no neuron at all is an error.
+    NeuronSet with ``language``. Selecting no neuron at all is an error (unless ``allow_empty``:
+    expert neurons are selected too, and the two are checked together by :func:`select`).
     """
     shape = mlp_shape(model)
     per_layer = _per_layer(model, neurons, language)
     if len(per_layer) != shape.num_layers:
+        if not shape.num_layers:
+            raise ValueError(f"neurons has {len(per_layer)} layers, the model has no dense MLPs (its feed-forwards are "
+                             "routed experts: use expert_neurons=)")
         raise ValueError(f"neurons has {len(per_layer)} layers, the model has {shape.num_layers} decoder layers")
     indices = [check_layer_indices(t, f"neurons[layer {li}]", shape.intermediate_size, int64_tensor=True)[0]
                for li, t in enumerate(per_layer)]
-    if not any(t.numel() for t in indices):
-        which = f" for language {language!r}" if language is not None else ""
-        raise ValueError(
-            f"neurons selects no neuron in any layer{which}: nothing would be trained (a LAPE set is empty when "
-            "too few tokens per language were counted or top_rate is too small)"
-        )
+    if not allow_empty and not any(t.numel() for t in indices):
+        _nothing_selected(language)
     return indices
 
 
-def _check_recompute(recompute: str) -> str:
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
-    return recompute
+def _nothing_selected(language: Optional[str]) -> None:
+    which = f" for language {language!r}" if language is not None else ""
+    raise ValueError(
+        f"neurons selects no neuron in any layer{which}: nothing would be trained (a LAPE set is empty when "
+        "too few tokens per language were counted or top_rate is too small)"
+    )
+
+
+def select(model: nn.Module, neurons: Any = None, language: Optional[str] = None,
+           expert_neurons: Any = None) -> Tuple[Optional[List[torch.Tensor]], Optional[List[List[torch.Tensor]]]]:
+    """(dense indices per layer or None, expert indices per MoE layer and expert or None): both
+    selections checked (``select_neurons``, ``sparse_experts.select_expert_neurons``), and
+    together they must select something."""
+    if neurons is None and expert_neurons is None:
+        raise ValueError("nothing to train: pass neurons= (dense MLPs) and/or expert_neurons= (routed experts)")
+    dense = None if neurons is None else select_neurons(model, neurons, language, allow_empty=True)
+    experts = None if expert_neurons is None else select_expert_neurons(model, expert_neurons, language)
+    if not sum(int(t.numel()) for t in dense or ()) and not (experts and expert_selection(experts)):
+        _nothing_selected(language)
+    return dense, experts
 
 
 def check_can_add_parameters(model: nn.Module, what: str) -> None:
@@ -290,36 +171,39 @@ def check_can_add_parameters(model: nn.Module, what: str) -> None:
 
 
 def _mlp_base_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The MLPs' own parameters (every layer; no neuron slices yet): frozen while neurons
-    train, because the sparse forward computes the MLP's weights and biases as constants."""
-    return [p for mlp in patching.patched_mlps(model) for p in mlp.parameters()]
+    """The MLPs' and the experts' own parameters (every layer; no neuron slices yet): frozen while
+    neurons train, because the sparse forwards compute those weights and biases as constants."""
+    modules = patching.patched_mlps(model) + patching.patched_experts(model)
+    return [p for module in modules for p in module.parameters()]
 
 
-def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str] = None,
-                          recompute: str = "none", keep_trainable: bool = False) -> nn.Module:
+def set_trainable_neurons(model: nn.Module, neurons: Any = None, language: Optional[str] = None,
+                          recompute: str = "none", keep_trainable: bool = False, *,
+                          expert_neurons: Any = None) -> nn.Module:
     """Make exactly the selected neurons' weights trainable; freeze everything else (with
-    ``keep_trainable``: freeze only the MLPs' own weights and biases, leaving other parameters
-    that require grad, e.g. a PEFT adapter's, trainable).
+    ``keep_trainable``: freeze only the MLPs' and experts' own weights and biases, leaving other
+    parameters that require grad, e.g. a PEFT adapter's, trainable).
 
-    ``neurons``: what :func:`select_neurons` takes. The model must be patched
-    (``lape_kernels.patch`` calls this). Calling it again replaces the previous selection (its
-    trained values are discarded). ``recompute`` trades activation memory for time (see
-    ``RECOMPUTE_MODES``). Everything is checked before the model changes; an error inside a
-    ``record()`` block (the sparse forward does not count).
+    ``neurons``: what :func:`select_neurons` takes (the dense MLPs, a MoE model's shared experts
+    included); ``expert_neurons``: what ``sparse_experts.select_expert_neurons`` takes (the routed
+    experts). The model must be patched (``lape_kernels.patch`` calls this). Calling it again
+    replaces the previous selection (its trained values are discarded). ``recompute`` trades
+    activation memory for time (see ``RECOMPUTE_MODES``). Everything is checked before the model
+    changes; an error inside a ``record()`` block (the sparse forward does not count).
     """
     _check_recompute(recompute)
     model = unwrap(model)
     if not patching.is_patched(model):
         raise RuntimeError("set_trainable_neurons needs a patched model: use lape_kernels.patch(model, neurons=...)")
     patching.check_not_recording(model, "set_trainable_neurons")
-    indices = select_neurons(model, neurons, language)
+    indices, expert_indices = select(model, neurons, language, expert_neurons)
 
     if has_trainable_neurons(model):
         clear_trainable_neurons(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in (_mlp_base_parameters(model) if keep_trainable else model.parameters()):
         p.requires_grad_(False)
-    for mlp, sel in zip(patching.patched_mlps(model), indices):
+    for mlp, sel in zip(patching.patched_mlps(model), indices or ()):
         if sel.numel() == 0:
             continue
         wg, wu, wd = patching.weights(mlp)
@@ -331,20 +215,27 @@ def set_trainable_neurons(model: nn.Module, neurons: Any, language: Optional[str
         mlp.register_buffer(INDEX_NAME, sel, persistent=True)
         mlp.register_buffer(SLOTS_NAME, _ops().sel_slots(sel, wg.shape[0]), persistent=False)
         mlp._lape.sparse = SparseState(recompute=recompute)
+    if expert_indices is not None:
+        install_expert_slices(patching.patched_experts(model), expert_indices, recompute)
     model._lape_sparse = {"requires_grad": flags, "language": language}
     patching.add_cleanup(model, _CLEANUP, clear_trainable_neurons)
     return model
 
 
+def _sparse_modules(model: nn.Module) -> List[nn.Module]:
+    """The patched MLPs and then the patched experts modules that carry trainable slices."""
+    modules = patching.patched_mlps(model) + patching.patched_experts(model)
+    return [m for m in modules if getattr(m._lape, "sparse", None) is not None]
+
+
 def set_recompute(model: nn.Module, recompute: str) -> nn.Module:
-    """Change what the sparse MLPs recompute in backward (keeps the trained values)."""
+    """Change what the sparse MLPs (and experts) recompute in backward (keeps the trained values)."""
     _check_recompute(recompute)
     model = unwrap(model)
     if not has_trainable_neurons(model):
         raise RuntimeError("recompute applies to sparse neuron training: use lape_kernels.patch(model, neurons=...)")
-    for mlp in patching.patched_mlps(model):
-        if getattr(mlp._lape, "sparse", None) is not None:
-            mlp._lape.sparse.recompute = recompute
+    for module in _sparse_modules(model):
+        module._lape.sparse.recompute = recompute
     return model
 
 
@@ -370,6 +261,8 @@ def clear_trainable_neurons(model: nn.Module) -> nn.Module:
         st = getattr(mlp, "_lape", None)
         if st is not None:
             st.sparse = None
+    for experts in (patching.patched_experts(model) if patching.is_patched(model) else ()):
+        clear_expert_slices(experts)
     flags = info["requires_grad"]
     for name, p in model.named_parameters():
         if name in flags:
@@ -379,12 +272,9 @@ def clear_trainable_neurons(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The trainable neuron slices in layer order (gate rows, up rows, down cols per layer):
-    what to hand to the optimizer."""
+    """The trainable neuron slices: per dense MLP in layer order (gate rows, up rows, down cols),
+    then per MoE layer's experts in layer order (the same three, over the layer's selected
+    (expert, neuron) pairs): what to hand to the optimizer."""
     if not has_trainable_neurons(model):
         raise RuntimeError("model has no trainable neurons: use lape_kernels.patch(model, neurons=...)")
-    out: List[nn.Parameter] = []
-    for mlp in patching.patched_mlps(model):
-        if getattr(mlp._lape, "sparse", None) is not None:
-            out.extend(getattr(mlp, n) for n in PARAM_NAMES)
-    return out
+    return [getattr(module, n) for module in _sparse_modules(unwrap(model)) for n in PARAM_NAMES]

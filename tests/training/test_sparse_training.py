@@ -535,7 +535,9 @@ def test_sparse_function_grads_vs_dense_autograd(activation, backend, recompute,
     """The autograd.Function against dense autograd on the spliced weights (with biases)."""
     import importlib
 
-    monkeypatch.setattr(sparse_mlp, "_kernel_ops", importlib.import_module(f"lape_kernels.kernels.{backend}"))
+    from lape_kernels.training import _sparse_math
+
+    monkeypatch.setattr(_sparse_math, "_kernel_ops", importlib.import_module(f"lape_kernels.kernels.{backend}"))
     g = torch.Generator().manual_seed(0)
     T, k = 9, 4
     x = torch.randn(T, H, generator=g).requires_grad_()
