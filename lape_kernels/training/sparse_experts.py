@@ -27,13 +27,13 @@ from torch import nn
 from .. import patching
 from ..experts_forward import run_experts
 from ..introspection import expert_shape
-from ..neurons.neuron_set import check_layer_indices
+from ..neurons.indices import ExpertLayout, check_expert_indices
 from ._autograd import per_device_function
 from ._sparse_math import (INDEX_NAME, PARAM_NAMES, SLOTS_NAME, _ops, _sparse_mlp_backward, _sparse_mlp_forward,
                            warn_frozen_slices)
 
-__all__ = ["SparseExpertsState", "select_expert_neurons", "install_expert_slices", "expert_selection",
-           "LOCAL_NAME"]
+__all__ = ["SparseExpertsState", "select_expert_neurons", "is_expert_neuron_set", "install_expert_slices",
+           "clear_expert_slices", "expert_selection", "split_flat_index", "LOCAL_NAME"]
 
 #: per selected pair, its neuron index inside its expert (``lape_neuron_index % I``; not saved)
 LOCAL_NAME = "lape_neuron_local"
@@ -42,55 +42,34 @@ LOCAL_NAME = "lape_neuron_local"
 # ----------------------------------------------------------------------------- selection
 
 
-def _per_moe_layer(neurons: Any, language: Optional[str], model: nn.Module) -> List[Any]:
-    if isinstance(neurons, (list, tuple)):
-        return list(neurons)
-    if isinstance(neurons, torch.Tensor) or not hasattr(neurons, "__getitem__"):
-        raise TypeError("expert_neurons must be a list over MoE layers of lists over experts of int64 index tensors, "
-                        f"or a NeuronSet with expert indices and language=..., got {type(neurons).__name__}")
-    getter = getattr(neurons, "experts", None)
-    if getter is None:
-        raise TypeError(f"expert_neurons: a {type(neurons).__name__} without expert indices (expected a list over MoE "
-                        "layers of lists over experts of int64 index tensors, or a NeuronSet with expert indices)")
-    langs = list(getattr(neurons, "languages", []))
-    if language is None:
-        raise ValueError(f"expert_neurons is a NeuronSet: pass language= (one of {langs})")
-    if langs and language not in langs:
-        raise KeyError(f"language {language!r} not in the NeuronSet (languages: {langs})")
-    validate = getattr(neurons, "validate", None)
-    if callable(validate):
-        validate(model)
-    per_layer = getter(language) if callable(getter) else getter[language]
-    if per_layer is None:
-        raise ValueError(f"expert_neurons: the NeuronSet has no expert indices for language {language!r}")
-    return list(per_layer)
+def is_expert_neuron_set(neurons: Any) -> bool:
+    """Whether ``neurons`` is a NeuronSet holding expert neurons."""
+    return bool(getattr(neurons, "has_experts", False)) and callable(getattr(neurons, "select_experts", None))
 
 
 def select_expert_neurons(model: nn.Module, expert_neurons: Any,
                           language: Optional[str] = None) -> List[List[torch.Tensor]]:
-    """Per MoE layer, per expert, the sorted int64 CPU indices ``expert_neurons`` selects, checked
-    against the model's stacked expert weights (patched or not; nothing is changed). Each index
-    tensor follows the dense path's rule (``check_layer_indices``: int64, 1-D, in range, no
-    duplicates; sorted here as ``patch(neurons=...)`` sorts)."""
+    """Per MoE layer, per expert, the sorted int64 CPU indices ``expert_neurons`` selects (a list
+    over MoE layers of lists over experts of int64 index tensors, or a NeuronSet with expert
+    neurons and ``language``), checked against the model's stacked expert weights by the one
+    rule for expert indices (``neurons.indices.check_expert_indices``; unsorted indices are
+    sorted, as ``patch(neurons=...)`` sorts). Nothing is changed."""
     shape = expert_shape(model)
     if shape is None:
         raise ValueError("expert_neurons: the model has no mixture-of-experts layers (use neurons= for its MLPs)")
-    per_layer = _per_moe_layer(expert_neurons, language, model)
-    M, E, I = len(shape.layers), shape.num_experts, shape.intermediate_size
-    if len(per_layer) != M:
-        raise ValueError(f"expert_neurons has {len(per_layer)} MoE layers, the model has {M} (decoder layers "
-                         f"{list(shape.layers)})")
-    out = []
-    for m, experts in enumerate(per_layer):
-        where = f"expert_neurons[moe layer {m} (decoder layer {shape.layers[m]})]"
-        if isinstance(experts, torch.Tensor) or not isinstance(experts, (list, tuple)):
-            raise TypeError(f"{where}: expected a list over the {E} experts of int64 index tensors, "
-                            f"got {type(experts).__name__}")
-        if len(experts) != E:
-            raise ValueError(f"{where} has {len(experts)} experts, the model has {E}")
-        out.append([check_layer_indices(t, f"{where}[expert {e}]", I, int64_tensor=True)[0]
-                    for e, t in enumerate(experts)])
-    return out
+    if is_expert_neuron_set(expert_neurons):
+        langs = list(expert_neurons.languages)
+        if language is None:
+            raise ValueError(f"expert_neurons is a NeuronSet: pass language= (one of {langs})")
+        if language not in langs:
+            raise KeyError(f"language {language!r} not in the NeuronSet (languages: {langs})")
+        expert_neurons.validate(model)
+        expert_neurons = expert_neurons.select_experts(language)
+    elif isinstance(expert_neurons, torch.Tensor) or not isinstance(expert_neurons, (list, tuple)):
+        raise TypeError("expert_neurons must be a list over MoE layers of lists over experts of int64 index tensors, "
+                        f"or a NeuronSet with expert neurons and language=..., got {type(expert_neurons).__name__}")
+    layout = ExpertLayout(tuple(shape.layers), shape.num_experts, shape.intermediate_size)
+    return check_expert_indices(expert_neurons, "expert_neurons", layout, int64_tensor=True)[0]
 
 
 def expert_selection(indices: Sequence[Sequence[torch.Tensor]]) -> int:

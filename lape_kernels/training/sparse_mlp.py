@@ -23,7 +23,8 @@ from ..wrappers import describe_adapters, mlp_adapters, parameter_wrapper, unwra
 from ._sparse_math import INDEX_NAME, PARAM_NAMES, RECOMPUTE_MODES, SLOTS_NAME, _function_for, _ops
 from ._sparse_math import check_recompute as _check_recompute
 from ._sparse_math import warn_frozen_slices
-from .sparse_experts import clear_expert_slices, expert_selection, install_expert_slices, select_expert_neurons
+from .sparse_experts import (clear_expert_slices, expert_selection, install_expert_slices, is_expert_neuron_set,
+                             select_expert_neurons)
 
 _CLEANUP = "sparse_neurons"
 
@@ -150,6 +151,10 @@ def select(model: nn.Module, neurons: Any = None, language: Optional[str] = None
     together they must select something."""
     if neurons is None and expert_neurons is None:
         raise ValueError("nothing to train: pass neurons= (dense MLPs) and/or expert_neurons= (routed experts)")
+    if is_expert_neuron_set(neurons):  # a NeuronSet of a MoE model: its dense and its expert neurons
+        if expert_neurons is not None:
+            raise ValueError("pass expert_neurons= or a NeuronSet with expert neurons as neurons=, not both")
+        expert_neurons = neurons
     dense = None if neurons is None else select_neurons(model, neurons, language, allow_empty=True)
     experts = None if expert_neurons is None else select_expert_neurons(model, expert_neurons, language)
     if not sum(int(t.numel()) for t in dense or ()) and not (experts and expert_selection(experts)):

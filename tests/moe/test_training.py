@@ -98,15 +98,16 @@ GOOD = random_expert_neurons(2, E, 32, 2)
 
 
 @pytest.mark.parametrize("expert_neurons, exc, match", [
-    (GOOD[:1], ValueError, r"expert_neurons has 1 MoE layers, the model has 2 \(decoder layers \[0, 1\]\)"),
-    ([GOOD[0], GOOD[1][:3]], ValueError, r"expert_neurons\[moe layer 1 \(decoder layer 1\)\] has 3 experts, the model has 4"),
-    (_bad(GOOD, 1, 2, torch.tensor([32])), ValueError, r"\[moe layer 1 \(decoder layer 1\)\]\[expert 2\]: index 32 out of range \[0, 32\)"),
+    (GOOD[:1], ValueError, r"expert_neurons \(one entry per MoE layer \[0, 1\]\) has 1 entries, expected 2"),
+    ([GOOD[0], GOOD[1][:3]], ValueError, r"expert_neurons\[moe layer 1\] \(one entry per expert\) has 3 entries, expected 4"),
+    (_bad(GOOD, 1, 2, torch.tensor([32])), ValueError,
+     r"expert_neurons\[moe layer 1 = decoder layer 1\]\[expert 2\]: index 32 out of range \[0, 32\)"),
     (_bad(GOOD, 0, 0, torch.tensor([-1])), ValueError, "index -1 out of range"),
     (_bad(GOOD, 0, 3, torch.tensor([4, 2, 4])), ValueError, r"\[expert 3\]: duplicate index 4"),
     (_bad(GOOD, 0, 0, torch.tensor([1], dtype=torch.int32)), TypeError, "int64"),
     (_bad(GOOD, 0, 0, torch.tensor([[1]])), ValueError, "1-D"),
     (_bad(GOOD, 0, 0, [1, 2]), TypeError, "torch.Tensor"),
-    ([torch.tensor([1]), GOOD[1]], TypeError, r"expected a list over the 4 experts"),
+    ([torch.tensor([1]), GOOD[1]], TypeError, r"\[moe layer 0\] \(one entry per expert\) must be a list with 4 entries"),
     (torch.tensor([1, 2]), TypeError, "list over MoE layers"),
     ([[torch.zeros(0, dtype=torch.int64)] * E] * 2, ValueError, "selects no neuron in any layer"),
 ])
@@ -116,6 +117,30 @@ def test_bad_expert_neurons(expert_neurons, exc, match):
         lk.patch(model, expert_neurons=expert_neurons)
     assert "\n" not in str(err.value)
     assert not lk.is_patched(model) and not sparse_mlp.has_trainable_neurons(model)
+
+
+def test_neuron_set_with_expert_neurons():
+    """A NeuronSet of a MoE model as neurons= trains its dense (shared-expert) and expert neurons;
+    as expert_neurons= its expert neurons; language= is required and checked."""
+    dense = {"en": random_neurons(2, 48, 3, seed=1), "mt": random_neurons(2, 48, 2, seed=2)}
+    experts = {"en": random_expert_neurons(2, E, 32, 2, seed=3), "mt": random_expert_neurons(2, E, 32, 1, seed=4)}
+    ns = lk.NeuronSet(dense, num_layers=2, intermediate_size=48, experts=experts, expert_layout=((0, 1), E, 32))
+    model = lk.patch(tiny_model("qwen2_moe", num_layers=2), neurons=ns, language="mt")
+    assert [tuple(p.shape) for p in lk.trainable_parameters(model)][::3] == [(2, H), (2, H), (4, H), (4, H)]
+    assert torch.equal(patching.patched_experts(model)[1].lape_neuron_index,
+                       torch.cat([t + e * 32 for e, t in enumerate(experts["mt"][1])]))
+    model = lk.patch(tiny_model("qwen2_moe", num_layers=2), expert_neurons=ns, language="en")
+    assert [tuple(p.shape) for p in lk.trainable_parameters(model)][::3] == [(8, H), (8, H)]
+    with pytest.raises(ValueError, match="pass language="):
+        lk.patch(tiny_model("qwen2_moe", num_layers=2), expert_neurons=ns)
+    with pytest.raises(KeyError, match="'xx' not in the NeuronSet"):
+        lk.patch(tiny_model("qwen2_moe", num_layers=2), expert_neurons=ns, language="xx")
+    with pytest.raises(ValueError, match="not both"):
+        lk.patch(tiny_model("qwen2_moe", num_layers=2), neurons=ns, expert_neurons=experts["en"], language="en")
+    only = lk.NeuronSet({"en": []}, num_layers=0, intermediate_size=0, experts={"en": experts["en"]},
+                        expert_layout=((0, 1), E, 32))
+    model = lk.patch(tiny_model("mixtral", num_layers=2), neurons=only, language="en")
+    assert len(lk.trainable_parameters(model)) == 6
 
 
 def test_expert_neurons_on_a_dense_model_and_neurons_on_an_all_moe_model():
