@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
 from .errors import ExperimentError
 
-__all__ = ["METHODS", "DEFAULT_LR", "CONFIG_FORMAT", "setting", "positive_int", "rate", "add_options",
+__all__ = ["METHODS", "DEFAULT_LR", "DISTRIBUTED", "CONFIG_FORMAT", "setting", "positive_int", "rate", "add_options",
            "from_args", "Config", "CollectConfig", "IdentifyConfig", "FinetuneConfig", "EvalConfig", "DemoConfig"]
 
 METHODS = ("neurons", "random", "ffn", "full", "lora")
@@ -28,8 +28,11 @@ CONFIG_FORMAT = "lape_kernels.config"
 # settings that do not change a fine-tuning result (left out of the resume/identity hash)
 # (recompute: bit-identical training, only memory and time differ; tested)
 # (allow_other_model: permits a transfer; the model's fingerprint is among the run's recorded inputs)
+# (grad_accum, distributed: how the same global batch is split over micro-batches and processes;
+#  equal to fp32 rounding, tested; a different world size is not a setting either)
 _NOT_HASHED = ("out", "stop_after_steps", "overwrite", "cache_dir", "save_every", "quiet", "recompute",
-               "allow_other_model")
+               "allow_other_model", "grad_accum", "distributed")
+DISTRIBUTED = ("ddp", "fsdp2")
 
 C = TypeVar("C", bound="Config")
 
@@ -262,7 +265,14 @@ class FinetuneConfig(Config):
     grad_clip: float = setting(1.0, help="max gradient norm (0 = off)")
     warmup_steps: int = setting(0, help="linear learning-rate warmup steps")
     seq_len: int = setting(512, type=positive_int, help="tokens per packed sequence")
-    batch_size: int = setting(4, type=positive_int, help="sequences per step")
+    batch_size: int = setting(4, type=positive_int, help="sequences per step: the global batch, split evenly over the "
+                                                        "processes of a torchrun launch")
+    grad_accum: int = setting(1, type=positive_int, metavar="N",
+                              help="each process's share of the batch in N micro-batches, gradients accumulated "
+                                   "(the same step, less memory)")
+    distributed: str = setting("ddp", choices=DISTRIBUTED,
+                               help="under torchrun: ddp (every process holds the model) or fsdp2 (fully_shard per "
+                                    "decoder layer and the root: weights, gradients and optimizer state sharded)")
     lora_r: int = setting(32, type=positive_int, help="LoRA rank")
     lora_alpha: int = setting(64, type=positive_int, help="LoRA alpha")
     lora_dropout: float = setting(0.05, help="LoRA dropout")
@@ -300,7 +310,9 @@ class FinetuneConfig(Config):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ExperimentError(f"--{name} must be positive, got {v}")
-        for name in ("seq_len", "batch_size", "eval_every", "val_tokens", "lora_r", "lora_alpha"):
+        if self.distributed not in DISTRIBUTED:
+            raise ExperimentError(f"--distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "val_tokens", "lora_r", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise ExperimentError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:

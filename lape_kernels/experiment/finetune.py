@@ -9,6 +9,10 @@ Why the data order is a pure function of ``(seed, step)``: every method sees exa
 batches, and a resumed run continues with exactly the batch it would have seen, so an
 interrupted-then-resumed run ends with the same weights, bit for bit, as an uninterrupted one.
 
+Under ``torchrun`` the run is data-parallel (``dataparallel.py``): ``--batch-size`` stays the
+global batch, split over the processes (DDP, or FSDP2 with ``--distributed fsdp2``), and the
+result equals the one-process run's to fp32 rounding; rank 0 alone writes the run directory.
+
 ``python -m lape_kernels.experiment.finetune`` trains the FinetuneConfig read as JSON from stdin
 (the demo runs each method in its own process this way: its peak memory is its own).
 """
@@ -26,16 +30,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..distributed import main_first, run_on_main
 from ..files import claim_output
 from .config import DEFAULT_LR, METHODS, FinetuneConfig
+from .dataparallel import DataParallel
 from .errors import ExperimentError, Interrupted
 from .inputs import corpus_texts, load_corpus, load_model, pack_split
 from .methods import count_parameters, settings_hash, setup_method
-from .metrics import mean_nll
 from .outputs import dumps, partial_path, publish, read_json, remove_path, write_json_atomic
 from .progress import PeakMemory, now, progress
-from .runs import (ARTIFACT_FORMAT, RUN_FORMAT, complete_run, load_checkpoint, save_artifact, save_checkpoint,
-                   trainable_named_parameters)
+from .runs import ARTIFACT_FORMAT, RUN_FORMAT, complete_run, save_artifact, trainable_named_parameters
 from .safety import check_partial_inputs, damaged, input_record, read_log, reuse_complete, warn
 from .runtime import (autocast, dtype_name, no_param_grads, parse_autocast, parse_device, parse_dtype,
                       seed_everything)
@@ -71,8 +75,8 @@ def _peak_rss_lifetime() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _say(cfg: FinetuneConfig, msg: str) -> None:
-    if not cfg.quiet:
+def _say(cfg: FinetuneConfig, msg: str, main: bool = True) -> None:
+    if not cfg.quiet and main:
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -83,6 +87,7 @@ class _Job:
 
     cfg: FinetuneConfig
     model: nn.Module
+    dp: DataParallel
     train_ids: torch.Tensor
     val_ids: torch.Tensor
     info: Dict[str, Any]
@@ -96,20 +101,25 @@ class _Job:
     dtype: torch.dtype
     amp: Optional[torch.dtype]
     state: Dict[str, Any] = field(default_factory=lambda: {"best": None, "elapsed_train_s": 0.0, "step_times": []})
+    fwd: Optional[nn.Module] = None  # what a training step runs through (DDP around ``model``; else ``model``)
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.seq_len
 
     def log(self, rec: Dict[str, Any]) -> None:
+        if not self.dp.main:
+            return
         with open(self.partial / "log.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
     def validate(self) -> Tuple[float, float]:
-        """(mean validation NLL, perplexity) with the model in eval mode and no gradient work."""
+        """(mean validation NLL, perplexity) with the model in eval mode and no gradient work;
+        under torchrun the mean over every process's share of the validation sequences."""
         self.model.eval()
+        fwd = self.model if self.dp.kind != "fsdp2" else self.fwd  # DDP: the module inside, no collectives
         with autocast(self.device, self.amp), no_param_grads(self.model):
-            nll, n = mean_nll(self.model, self.val_ids, self.cfg.eval_batch_size or self.cfg.batch_size, self.device)
+            nll, n = self.dp.validation_nll(fwd, self.val_ids, self.cfg.eval_batch_size or self.dp.micro, self.device)
         self.model.train()
         return nll / n, math.exp(nll / n)
 
@@ -122,34 +132,42 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     reused, and a checkpoint resumed, only when the recorded inputs (text digests, the model's
     fingerprint, the neurons) are the ones read now."""
     identity, digest, selection = settings_hash(cfg)
+    dp = DataParallel.for_run(cfg.batch_size, cfg.grad_accum, cfg.distributed)  # the split checked before any work
     out = Path(cfg.out)
 
     def same_settings(path: Path) -> Optional[str]:
         return None if complete_run(path, digest) is not None else "a run with other settings, or not a run"
 
-    with claim_output(out, inputs=[cfg.model, cfg.data, cfg.neurons], overwrite=cfg.overwrite,
-                      reusable=same_settings, command="finetune"):
-        return _finetune(cfg, identity, digest, selection, out)
+    with dp.held(lambda: claim_output(out, inputs=[cfg.model, cfg.data, cfg.neurons], overwrite=cfg.overwrite,
+                                      reusable=same_settings, command="finetune")):
+        return _finetune(cfg, identity, digest, selection, out, dp)
 
 
 def _finetune(cfg: FinetuneConfig, identity: Dict[str, Any], digest: str, selection: Tuple[Any, Any],
-              out: Path) -> Dict[str, Any]:
+              out: Path, dp: DataParallel) -> Dict[str, Any]:
     device = parse_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, device, auto=torch.float32)
     amp = parse_autocast(cfg.autocast, device)
-    corpus = load_corpus(cfg.data, [cfg.language], cache_dir=cfg.cache_dir)
-
-    model, tokenizer = load_model(cfg.model, dtype, device, cfg.cache_dir)
+    # rank 0 builds the caches first, the others then read them
+    corpus = main_first(lambda: load_corpus(cfg.data, [cfg.language], cache_dir=cfg.cache_dir))
+    model, tokenizer = main_first(lambda: load_model(cfg.model, dtype, device, cfg.cache_dir))
     train_ids = pack_split(tokenizer, corpus, cfg.language, "train", cfg.seq_len)
     val_ids = pack_split(tokenizer, corpus, cfg.language, "validation", cfg.seq_len, cfg.val_tokens)
     if cfg.tokens is not None and cfg.tokens > train_ids.numel():
         warn(f"--tokens {cfg.tokens} is more than language {cfg.language!r}'s train text holds "
              f"({train_ids.numel()} tokens packed): it is repeated ({cfg.tokens / train_ids.numel():.1f} epochs)",
-             cfg.quiet)
+             cfg.quiet or not dp.main)
     inputs = input_record(model, {split: corpus_texts(corpus, cfg.language, split) for split in ("train", "validation")},
                           neurons=identity.get("neuron_set_digest"))
-    done = None if cfg.overwrite else complete_run(out, digest)
-    if done is not None and reuse_complete(out, done.get("inputs"), inputs, quiet=cfg.quiet):
+
+    def finished() -> Optional[Dict[str, Any]]:
+        done = None if cfg.overwrite else complete_run(out, digest)
+        if done is not None and reuse_complete(out, done.get("inputs"), inputs, quiet=cfg.quiet):
+            return done
+        return None
+
+    done = run_on_main(finished)
+    if done is not None:
         return done
     seed_everything(cfg.seed)
     model, info, trained_ns = setup_method(model, cfg, selection)
@@ -159,22 +177,29 @@ def _finetune(cfg: FinetuneConfig, identity: Dict[str, Any], digest: str, select
 
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
     partial = partial_path(out)
-    if partial.exists():
-        if cfg.overwrite:
-            remove_path(partial)
-        else:
-            prev = partial / "config.json"
-            try:
-                recorded = read_json(prev) if prev.exists() else {}
-            except ExperimentError as exc:
-                raise damaged(exc, partial) from None
-            if recorded.get("config_hash") != digest:
-                raise ExperimentError(f"{partial} holds an interrupted run with other settings; pass --overwrite to "
-                                      f"start over, or delete {partial}")
-            check_partial_inputs(partial, recorded.get("inputs"), inputs, "run")
-    created = not partial.exists()
-    partial.mkdir(parents=True, exist_ok=True)
-    job = _Job(cfg=cfg, model=model, train_ids=train_ids, val_ids=val_ids, info=info, trained_ns=trained_ns,
+
+    def prepare() -> bool:
+        """Rank 0: the interrupted run in ``partial`` checked (or removed with --overwrite); True
+        when ``partial`` is new."""
+        if partial.exists():
+            if cfg.overwrite:
+                remove_path(partial)
+            else:
+                prev = partial / "config.json"
+                try:
+                    recorded = read_json(prev) if prev.exists() else {}
+                except ExperimentError as exc:
+                    raise damaged(exc, partial) from None
+                if recorded.get("config_hash") != digest:
+                    raise ExperimentError(f"{partial} holds an interrupted run with other settings; pass --overwrite "
+                                          f"to start over, or delete {partial}")
+                check_partial_inputs(partial, recorded.get("inputs"), inputs, "run")
+        created = not partial.exists()
+        partial.mkdir(parents=True, exist_ok=True)
+        return created
+
+    created = run_on_main(prepare)
+    job = _Job(cfg=cfg, model=model, dp=dp, train_ids=train_ids, val_ids=val_ids, info=info, trained_ns=trained_ns,
                steps=steps, identity=identity, digest=digest, partial=partial, out=out, device=device, dtype=dtype,
                amp=amp)
     try:
@@ -183,7 +208,7 @@ def _finetune(cfg: FinetuneConfig, identity: Dict[str, Any], digest: str, select
         raise
     except BaseException:
         # nothing resumable yet -> leave nothing behind
-        if created and not (partial / "checkpoint").exists():
+        if dp.main and created and not (partial / "checkpoint").exists():
             remove_path(partial)
         raise
 
@@ -201,14 +226,21 @@ def _resume(job: _Job, opt, sched) -> int:
     ckpt, log_path = job.partial / "checkpoint", job.partial / "log.jsonl"
     if ckpt.exists():
         try:
-            start, job.state = load_checkpoint(job.model, opt, sched, ckpt)
+            start, job.state = job.dp.load_checkpoint(job.model, opt, sched, ckpt)
         except (ValueError, OSError) as exc:
             raise damaged(exc, job.partial) from None
-        kept = read_log(log_path, start, job.partial)
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-        _say(job.cfg, f"resuming {job.cfg.method} from step {start}/{job.steps} ({ckpt})")
+
+        def trim() -> None:
+            kept = read_log(log_path, start, job.partial)
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+
+        run_on_main(trim)
+        was = job.state.pop("world_size", 1)
+        job.state.pop("distributed", None)
+        moved = f", written by {was} process{'es' if was > 1 else ''}" if was != job.dp.world else ""
+        _say(job.cfg, f"resuming {job.cfg.method} from step {start}/{job.steps} ({ckpt}{moved})", job.dp.main)
         return start
-    if log_path.exists():
+    if job.dp.main and log_path.exists():
         log_path.unlink()
     return 0
 
@@ -217,27 +249,74 @@ def _keep_best(job: _Job, step: int, vl: float, vp: float) -> None:
     if job.state["best"] is None or vl < job.state["best"]["val_loss"]:
         job.state["best"] = {"step": step, "val_loss": vl, "val_ppl": vp}
         best_tmp = job.partial / ".best.tmp"
-        if best_tmp.exists():
-            remove_path(best_tmp)
-        save_artifact(job.model, job.cfg.method, best_tmp)
-        publish(best_tmp, job.partial / "best")
+
+        def write(model: nn.Module) -> None:
+            if best_tmp.exists():
+                remove_path(best_tmp)
+            save_artifact(model, job.cfg.method, best_tmp)
+            if job.dp.kind == "fsdp2" and ARTIFACT_FORMAT[job.cfg.method] == "neurons":
+                _record_fingerprint(best_tmp, job.info["model_fingerprint"])
+            publish(best_tmp, job.partial / "best")
+
+        with job.dp.full_trainable(job.model) as model:  # FSDP2: full tensors on every rank, rank 0 writes
+            run_on_main(lambda: write(model))
+
+
+def _record_fingerprint(path: Path, fingerprint: Optional[str]) -> None:
+    """The saved neurons' model fingerprint, read before FSDP2 sharded the weights (a sharded
+    model's cannot be read: ``model_fingerprint`` says None)."""
+    from ..training.io import CONFIG_NAME
+
+    config = read_json(path / CONFIG_NAME)
+    config["model_fingerprint"] = fingerprint
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _step(job: _Job, step: int, perm_cache: Dict[int, torch.Tensor]) -> float:
+    """Forward and backward of global batch ``step``: this process's share in ``--grad-accum``
+    micro-batches, each mean loss weighted so that the gradients (averaged over processes) are
+    those of the global batch's token mean. Returns that mean (summed over every process)."""
+    cfg, dp, device = job.cfg, job.dp, job.device
+    idx = batch_indices(step, cfg.batch_size, job.train_ids.shape[0], cfg.seed, perm_cache)
+    n_global = idx.numel() * (cfg.seq_len - 1)  # packed sequences: every position after the first is a target
+    micro = dp.micro_batches(idx)
+    dp.seed_step(cfg.seed, step)
+    total = 0.0
+    for a, part in enumerate(micro):
+        x = job.train_ids.index_select(0, part).to(device)
+        n = x.shape[0] * (x.shape[1] - 1)
+        weight = dp.loss_weight(n, n_global)
+        with dp.sync(job.fwd, last=a + 1 == len(micro)):
+            with autocast(device, job.amp):
+                loss = job.fwd(input_ids=x, labels=x).loss.float()
+            (loss if weight == 1.0 else loss * weight).backward()
+        total += float(loss.detach()) * n
+    (total,) = dp.sum_over_ranks(total)
+    mean = total / n_global
+    if not math.isfinite(mean):
+        raise ExperimentError(f"loss became {mean} at step {step + 1}; lower --lr")
+    return mean
 
 
 def _train(job: _Job) -> Dict[str, Any]:
-    cfg, model, partial = job.cfg, job.model, job.partial
-    params = [p for _, p in trainable_named_parameters(model)]
+    cfg, model, partial, dp = job.cfg, job.model, job.partial, job.dp
     trainable, total = count_parameters(model)
     if cfg.method in ("neurons", "random", "lora"):
         total -= trainable  # the trained slices / adapters are extra parameters beside the base model
     if trainable == 0:
         raise ExperimentError(f"method {cfg.method}: no trainable parameters")
+    job.fwd = dp.wrap(model, job.device)
+    params = [p for _, p in trainable_named_parameters(model)]  # FSDP2: the sharded parameters
     opt, sched = _optimizer(job, params)
     save_every = cfg.eval_every if cfg.save_every is None else cfg.save_every
 
-    (partial / "config.json").write_text(dumps({"config_hash": job.digest, "identity": job.identity,
-                                                "inputs": job.info["inputs"]}))
-    if job.trained_ns is not None and not (partial / "neurons").exists():
-        job.trained_ns.save(partial / "neurons")
+    def start_files() -> None:
+        (partial / "config.json").write_text(dumps({"config_hash": job.digest, "identity": job.identity,
+                                                    "inputs": job.info["inputs"], "world_size": dp.world}))
+        if job.trained_ns is not None and not (partial / "neurons").exists():
+            job.trained_ns.save(partial / "neurons")
+
+    run_on_main(start_files)
     ckpt = partial / "checkpoint"
     start = _resume(job, opt, sched)
     if cfg.eval_at_start and start == 0:
@@ -246,22 +325,17 @@ def _train(job: _Job) -> Dict[str, Any]:
 
     perm_cache: Dict[int, torch.Tensor] = {}
     steps, tokens_per_step, device = job.steps, job.tokens_per_step, job.device
-    bar = progress(steps * tokens_per_step, f"{cfg.method}:{cfg.language}", initial=start * tokens_per_step)
+    bar = progress(steps * tokens_per_step, f"{cfg.method}:{cfg.language}", initial=start * tokens_per_step,
+                   disable=not dp.main)  # rank 0's bar: global tokens/s
     model.train()
     mem = PeakMemory(device)
     mem.__enter__()
     step_times: List[float] = list(job.state.get("step_times", []))
     try:
         for step in range(start, steps):
-            idx = batch_indices(step, cfg.batch_size, job.train_ids.shape[0], cfg.seed, perm_cache)
-            x = job.train_ids.index_select(0, idx).to(device)
             t0 = now()
             lr_now = opt.param_groups[0]["lr"]
-            with autocast(device, job.amp):
-                loss = model(input_ids=x, labels=x).loss.float()
-            if not torch.isfinite(loss):
-                raise ExperimentError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
-            loss.backward()
+            loss = _step(job, step, perm_cache)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
             opt.step()
             sched.step()
@@ -271,8 +345,8 @@ def _train(job: _Job) -> Dict[str, Any]:
             dt = now() - t0
             mem.sample()
             step_times.append(dt)
-            rec = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": float(loss.item()),
-                   "lr": lr_now, "grad_norm": None if gn is None else float(gn), "step_time_s": dt,
+            rec = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss,
+                   "lr": lr_now, "grad_norm": dp.grad_norm(gn), "step_time_s": dt,
                    "tokens_per_s": tokens_per_step / dt}
             bar.update(tokens_per_step)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
@@ -285,7 +359,7 @@ def _train(job: _Job) -> Dict[str, Any]:
             job.state["step_times"] = step_times
             stop_now = cfg.stop_after_steps is not None and step + 1 == cfg.stop_after_steps and not last
             if not last and (stop_now or (save_every and (step + 1) % save_every == 0)):
-                save_checkpoint(model, opt, sched, step + 1, job.state, ckpt)
+                dp.save_checkpoint(model, opt, sched, step + 1, job.state, ckpt)
             if stop_now:
                 raise Interrupted(f"stopped after {step + 1} of {steps} steps (--stop-after-steps); "
                                   f"rerun the same command to resume from {ckpt}")
@@ -293,15 +367,19 @@ def _train(job: _Job) -> Dict[str, Any]:
         bar.close()
         peak = mem.stop()
 
-    summary = _summary(job, trainable, total, step_times, peak, mem.kind)
-    write_json_atomic(partial / "run.json", summary)
-    if ckpt.exists():
-        remove_path(ckpt)
-    (partial / "config.json").unlink()
-    publish(partial, job.out)
+    def finish() -> Dict[str, Any]:
+        summary = _summary(job, trainable, total, step_times, peak, mem.kind)
+        write_json_atomic(partial / "run.json", summary)
+        if ckpt.exists():
+            remove_path(ckpt)
+        (partial / "config.json").unlink()
+        publish(partial, job.out)
+        return summary
+
+    summary = run_on_main(finish)  # rank 0 writes; every rank returns its summary
     best = job.state["best"]
     _say(cfg, f"{cfg.method}: {steps} steps, best val ppl {best['val_ppl']:.3f} "
-              f"(step {best['step']}), {summary['tokens_per_s']:.0f} tok/s -> {job.out}")
+              f"(step {best['step']}), {summary['tokens_per_s']:.0f} tok/s -> {job.out}", dp.main)
     return summary
 
 
@@ -345,6 +423,9 @@ def _summary(job: _Job, trainable: int, total: int, step_times: List[float], pea
         "dtype": dtype_name(job.dtype),
         "autocast": dtype_name(job.amp) if job.amp is not None else None,
         "torch_threads": torch.get_num_threads(),
+        "world_size": job.dp.world,
+        "distributed": job.dp.kind,
+        "grad_accum": cfg.grad_accum,
         **job.info,
     }
 

@@ -513,7 +513,8 @@ def _refuse_shared(mlps: Sequence[GatedMLP]) -> None:
             raise _refuse(f"decoder layers {first} and {m.layer_index} share one MLP module ({m.path}): per-layer "
                           "neurons would be ambiguous")
         for w in m.family.weights(m.module):
-            if w.is_meta:
+            w = w.to_local() if hasattr(w, "to_local") else w  # FSDP2's DTensor: the shard this rank holds
+            if w.is_meta or w.numel() == 0:
                 continue
             key = (w.untyped_storage().data_ptr(), w.storage_offset())
             first = seen_weight.setdefault(key, m.layer_index)
