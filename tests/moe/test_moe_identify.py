@@ -217,3 +217,21 @@ def test_record_identify_save_load_on_tiny_moe(family, tmp_path):
         back.validate(tiny_model("llama", num_layers=2), allow_other_model=True)
     with pytest.raises(TypeError, match="validate it against the model"):
         back.validate(model.config)
+
+
+def test_transfer_to_carries_expert_neurons():
+    model, other = tiny_model("mixtral", num_layers=2), tiny_model("mixtral", seed=5, num_layers=2)
+    shape = lk.introspection.expert_shape(model)
+    ex = [[torch.tensor([e, 10 + e]) for e in range(shape.num_experts)] for _ in shape.layers]
+    ns = lk.NeuronSet({"a": []}, 0, 0, experts={"a": ex}, expert_layout=(shape.layers, shape.num_experts,
+                                                                          shape.intermediate_size),
+                      model_fingerprint=lk.model_fingerprint(model))
+    with pytest.raises(lk.ModelMismatchError):
+        ns.validate(other)
+    moved = ns.transfer_to(other)
+    assert moved == ns and moved.model_fingerprint == lk.model_fingerprint(other)
+    assert any("transferred by transfer_to" in n for n in moved.notes)
+    moved.validate(other)
+    with pytest.raises(ValueError, match=r"MoE layers \[0, 1\] of 4 experts of intermediate size 32; the model has "
+                                         r"MoE layers \[0, 1, 2\]"):
+        ns.transfer_to(tiny_model("mixtral", num_layers=3))
