@@ -287,7 +287,7 @@ def run_demo(full: bool = False, model: Optional[str] = None, data: Optional[str
                    f"decoder body only",
         "identify": f"top_rate {cfg['top_rate']}, filter_rate {cfg['filter_rate']}, "
                     f"activation_bar_ratio {cfg['activation_bar_ratio']}",
-        f"neurons of {tgt}": f"{ns.total(tgt):,} (of {ns.num_layers * ns.intermediate_size:,})",
+        f"neurons of {tgt}": f"{ns.total(tgt):,} (of {ns.num_units:,})",  # dense + expert neurons
         "training": f"{steps} steps x {cfg['batch_size']} x {cfg['seq_len']} tokens = "
                     f"{steps * cfg['batch_size'] * cfg['seq_len']:,} tokens per method, same order (seed {cfg['seed']}); "
                     f"AdamW, wd 0.01, clip 1.0",

@@ -44,25 +44,37 @@ def _load_neuron_set(path: str, language: str, languages: Optional[Sequence[str]
     return ns
 
 
-def neuron_selection(cfg: FinetuneConfig) -> Tuple[Optional[Any], Optional[List[torch.Tensor]]]:
-    """(source NeuronSet, per-layer neurons to train) for neurons/random, else (None, None)."""
+def neuron_selection(cfg: FinetuneConfig) -> Tuple[Optional[Any], Optional[List[torch.Tensor]], Optional[Any]]:
+    """(source NeuronSet, per-layer dense neurons to train, expert neurons to train or None) for
+    neurons/random, else (None, None, None). A set with expert neurons (a mixture-of-experts
+    model) trains both; its random baseline has the same total over all dense and expert units."""
     if cfg.method not in ("neurons", "random"):
-        return None, None
+        return None, None, None
     ns = _load_neuron_set(cfg.neurons, cfg.language, cfg.neuron_languages)
     if ns.intermediate_size is None:  # a LAPE reference file: the shape comes from the model
         inter = model_intermediate_size(cfg.model, cfg.cache_dir)
         if inter is not None:
             ns = _load_neuron_set(cfg.neurons, cfg.language, cfg.neuron_languages, inter)
+    experts = None
     if cfg.method == "neurons":
         per_layer = ns.select(cfg.language)
+        experts = ns.select_experts(cfg.language) if ns.has_experts else None
     else:
         try:
-            per_layer = ns.random_like(cfg.language, seed=cfg.seed, mode="total")
+            if ns.has_experts:
+                per_layer, experts = ns.random_experts_like(cfg.language, seed=cfg.seed, mode="total")
+            else:
+                per_layer = ns.random_like(cfg.language, seed=cfg.seed, mode="total")
         except ValueError as exc:
             raise ExperimentError(f"--neurons {cfg.neurons}: {one_line(exc)}") from None
-    if sum(int(t.numel()) for t in per_layer) == 0:
+    if sum(int(t.numel()) for t in per_layer + _flat(experts)) == 0:
         raise ExperimentError(f"--neurons {cfg.neurons}: language {cfg.language!r} has no neurons to train")
-    return ns, per_layer
+    return ns, per_layer, experts
+
+
+def _flat(experts: Optional[Any]) -> List[torch.Tensor]:
+    """Per-(MoE layer, expert) index tensors, layer-major ([] for none)."""
+    return [t for row in experts for t in row] if experts is not None else []
 
 
 def _per_layer_digest(per_layer: List[torch.Tensor]) -> str:
@@ -79,14 +91,18 @@ def settings_hash(cfg: FinetuneConfig) -> Tuple[Dict[str, Any], str, Tuple[Optio
     cfg.check()
     selection = neuron_selection(cfg)
     identity = cfg.identity()
-    identity["neuron_set_digest"] = _per_layer_digest(selection[1]) if selection[1] is not None else None
+    # dense sets: the digest of old; expert neurons appended to it
+    identity["neuron_set_digest"] = (_per_layer_digest(selection[1] + _flat(selection[2]))
+                                     if selection[1] is not None else None)
     return identity, config_hash(identity), selection
 
 
-def setup_method(model: nn.Module, cfg: FinetuneConfig,
-                 selection: Tuple[Optional[Any], Optional[List[torch.Tensor]]] = (None, None)
+def setup_method(model: nn.Module, cfg: FinetuneConfig, selection: Tuple[Any, ...] = (None, None, None)
                  ) -> Tuple[nn.Module, Dict[str, Any], Optional[Any]]:
     """Make the method's parameters trainable (everything else frozen).
+
+    ``selection``: ``neuron_selection``'s (source set, dense neurons, expert neurons), or
+    (source set, dense neurons) for a dense model.
 
     Returns (model to train, info, the NeuronSet trained for neurons/random else None).
     Every method runs on the patched model (fused MLP kernel, chunked LM loss), so timing and
@@ -101,7 +117,8 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.method in ("neurons", "random"):
-        ns, per_layer = selection if selection[0] is not None else neuron_selection(cfg)
+        ns, per_layer, *rest = selection if selection[0] is not None else neuron_selection(cfg)
+        experts = rest[0] if rest else None
         # identified on this model? (by fingerprint; --allow-other-model: a deliberate transfer)
         note = check_same_model(ns.model_fingerprint, ns.model_id, model, f"--neurons {cfg.neurons}",
                                 allow_other_model=cfg.allow_other_model)
@@ -109,21 +126,29 @@ def setup_method(model: nn.Module, cfg: FinetuneConfig,
             ns.validate(model, allow_other_model=True)  # the shape (the model was checked above)
         except (ValueError, TypeError) as exc:
             raise ExperimentError(f"--neurons {cfg.neurons} does not fit the model: {one_line(exc)}") from None
-        total = sum(int(t.numel()) for t in per_layer)
-        trained_ns = NeuronSet({cfg.language: per_layer}, ns.num_layers, ns.intermediate_size,
+        total = sum(int(t.numel()) for t in per_layer + _flat(experts))
+        moe = {} if experts is None else {"experts": {cfg.language: experts}, "expert_layout": ns.expert_layout}
+        trained_ns = NeuronSet({cfg.language: per_layer}, ns.num_layers, ns.intermediate_size, **moe,
                                model_id=model_name(model) or ns.model_id, hidden_size=ns.hidden_size,
                                notes=[f"{cfg.method} set for {cfg.language} (seed {cfg.seed})"
                                       if cfg.method == "random" else f"LAPE neurons of {cfg.language}"]
                                + ([note] if note else []),
                                model_fingerprint=model_fingerprint(model))
         try:
-            api.patch(model, neurons=per_layer, recompute=cfg.recompute)
+            if experts is None:
+                api.patch(model, neurons=per_layer, recompute=cfg.recompute)
+            else:  # a mixture-of-experts model: its dense (shared-expert) MLPs and its experts
+                api.patch(model, neurons=per_layer if ns.num_layers else None, expert_neurons=experts,
+                          recompute=cfg.recompute)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ExperimentError(f"--neurons {cfg.neurons} does not fit the model: {one_line(exc)}") from None
         info["neuron_count"] = total
         info["neurons_per_layer"] = [int(t.numel()) for t in per_layer]
-        info["neuron_set_digest"] = _per_layer_digest(per_layer)
-        info["source_neuron_set_digest"] = _per_layer_digest(ns[cfg.language])
+        info["neuron_set_digest"] = _per_layer_digest(per_layer + _flat(experts))
+        info["source_neuron_set_digest"] = _per_layer_digest(
+            ns[cfg.language] + (_flat(ns.select_experts(cfg.language)) if experts is not None else []))
+        if experts is not None:
+            info["expert_neurons_per_layer"] = [sum(int(t.numel()) for t in row) for row in experts]
     elif cfg.method == "ffn":
         api.patch(model)
         for mlp in patching.patched_mlps(model):
