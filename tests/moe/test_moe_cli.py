@@ -131,3 +131,4 @@ def test_moe_heatmap_script(tmp_path):
     for lang in ns.languages:
         first = ns.expert_counts(lang)[0].tolist()
         assert f"| 0 | {' | '.join(map(str, first))} |" in text
+
