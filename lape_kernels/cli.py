@@ -1,4 +1,5 @@
-"""``lape-kernels``: collect, identify, finetune, eval, demo.
+"""``lape-kernels``: collect, identify, finetune, eval, demo (``collect`` and ``finetune`` data-parallel
+under ``torchrun``: ``lape_kernels.distributed``).
 
 Every failure exits non-zero with one line on stderr (``lape-kernels <cmd>: error: ...``) and
 no traceback (set ``LAPE_KERNELS_DEBUG=1`` for one); outputs are written under a temporary name

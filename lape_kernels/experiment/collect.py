@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -178,7 +179,7 @@ def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional
     body = introspection.decoder_body(model_obj)
     total_tokens = sum(int(v.numel()) for v in packed.values())
     done_tokens = sum(resumed.values()) * seq_len
-    t0 = now()
+    t0, cpu0 = now(), time.process_time()
     bar = progress(total_tokens, "collect" if world == 1 else f"collect x{world}", initial=done_tokens,
                    disable=rank != 0)
     try:
@@ -215,14 +216,19 @@ def _collect(model: str, languages: List[str], out_path: Path, *, data: Optional
     finally:
         bar.close()
     seconds = now() - t0
+    # each rank's CPU seconds in the loop (how evenly the work split; robust to a shared machine)
+    mine_cpu = torch.zeros(world, dtype=torch.float64)
+    mine_cpu[rank] = time.process_time() - cpu0
+    cpu_seconds = [round(float(v), 3) for v in distributed.all_reduce_sum([mine_cpu])[0]]
     return distributed.run_on_main(lambda: _publish(results, languages, out_path, partial, digest=digest,
                                                     settings=settings, inputs=mine["inputs"], seconds=seconds,
+                                                    cpu_seconds=cpu_seconds,
                                                     done_tokens=done_tokens, world=world, quiet=quiet))
 
 
 def _publish(results: Dict[str, Any], languages: List[str], out_path: Path, partial: Path, *, digest: str,
-             settings: Dict[str, Any], inputs: Dict[str, Any], seconds: float, done_tokens: int, world: int,
-             quiet: bool) -> Dict[str, Any]:
+             settings: Dict[str, Any], inputs: Dict[str, Any], seconds: float, cpu_seconds: List[float],
+             done_tokens: int, world: int, quiet: bool) -> Dict[str, Any]:
     """Rank 0: the finished ``StatsByLanguage`` directory in place of ``.partial``."""
     from ..stats import StatsByLanguage
 
@@ -235,7 +241,7 @@ def _publish(results: Dict[str, Any], languages: List[str], out_path: Path, part
         idx = read_json(tmp / STATS_INDEX)
         idx["collect"] = {"config_hash": digest, "settings": settings, "inputs": inputs,
                           "tokens": {lang: results[lang].n_tokens for lang in languages},
-                          "seconds": seconds, "world_size": world}
+                          "seconds": seconds, "world_size": world, "cpu_seconds_per_rank": cpu_seconds}
         (tmp / STATS_INDEX).write_text(dumps(idx))
         publish(tmp, out_path)
     except BaseException:
@@ -250,6 +256,7 @@ def _publish(results: Dict[str, Any], languages: List[str], out_path: Path, part
               f"({rate:.0f} tok/s{procs}) -> {out_path}", file=sys.stderr)
     return {"out": str(out_path), "languages": languages, "tokens": {l: results[l].n_tokens for l in languages},
             "seconds": seconds, "tokens_per_s": counted / seconds if seconds > 0 else None, "cached": False,
+            "cpu_seconds_per_rank": cpu_seconds,
             "world_size": world}
 
 
