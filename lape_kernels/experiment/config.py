@@ -279,7 +279,9 @@ class FinetuneConfig(Config):
     eval_every: int = setting(50, type=positive_int, help="validate every N steps (and at the end)")
     eval_at_start: bool = setting(False, help="also validate before the first step")
     val_tokens: int = setting(16384, type=positive_int, help="validation tokens")
-    eval_batch_size: Optional[int] = setting(None, type=positive_int, help="validation batch (default: --batch-size)")
+    eval_batch_size: Optional[int] = setting(None, type=positive_int,
+                                            help="validation sequences per forward pass and process (default: the "
+                                                 "training micro-batch, --batch-size / processes / --grad-accum)")
     save_every: Optional[int] = setting(None, help="checkpoint every N steps (default: --eval-every; 0 = off)")
     seed: int = setting(0, help="seed of the data order, the random neuron set and the initialisation")
     device: str = _device()

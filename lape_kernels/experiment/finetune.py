@@ -133,6 +133,8 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     fingerprint, the neurons) are the ones read now."""
     identity, digest, selection = settings_hash(cfg)
     dp = DataParallel.for_run(cfg.batch_size, cfg.grad_accum, cfg.distributed)  # the split checked before any work
+    if dp.kind is None and cfg.distributed != "ddp":
+        warn(f"--distributed {cfg.distributed} applies to a torchrun launch; this is one process", cfg.quiet)
     out = Path(cfg.out)
 
     def same_settings(path: Path) -> Optional[str]:

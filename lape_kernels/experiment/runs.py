@@ -10,7 +10,12 @@ Layout (built in ``.<RUN_DIR>.partial``, renamed into place when complete)::
     best/           the best checkpoint by validation loss: neurons (PEFT-shaped, save_neurons),
                     a LoRA adapter, or weights.safetensors of the changed weights (ffn/full)
     neurons/        the neuron set trained (neurons/random)
-    checkpoint/     (only while incomplete) trainable weights, optimizer, scheduler, RNG, step
+    checkpoint/     (only while incomplete) trainable weights, optimizer, scheduler, RNG, step;
+                    under ``--distributed fsdp2`` the weights and optimizer state are
+                    ``sharded/`` (torch.distributed.checkpoint, ``dataparallel.py``)
+
+Under ``torchrun`` rank 0 alone writes all of it (full tensors), and ``run.json`` records
+``world_size``, ``distributed`` and ``grad_accum``.
 """
 from __future__ import annotations
 
