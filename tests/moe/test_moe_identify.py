@@ -11,6 +11,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lape_kernels as lk
 from lape_kernels.neurons import ExpertLayout, NeuronSetFormatError, expert_probabilities
@@ -235,3 +237,39 @@ def test_transfer_to_carries_expert_neurons():
     with pytest.raises(ValueError, match=r"MoE layers \[0, 1\] of 4 experts of intermediate size 32; the model has "
                                          r"MoE layers \[0, 1, 2\]"):
         ns.transfer_to(tiny_model("mixtral", num_layers=3))
+
+
+@st.composite
+def _moe_sets(draw):
+    M, E, I_e = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 9))
+    L = draw(st.integers(0, 2))
+    layers = sorted(draw(st.sets(st.integers(0, 6), min_size=M, max_size=M)))
+    langs = draw(st.lists(st.sampled_from(["en", "mt", "cy", "de"]), min_size=1, max_size=3, unique=True))
+    pick = lambda n: sorted(draw(st.sets(st.integers(0, n - 1), max_size=n)))  # noqa: E731
+    dense = {l: [pick(5) for _ in range(L)] for l in langs}
+    experts = {l: [[pick(I_e) for _ in range(E)] for _ in range(M)] for l in langs}
+    return lk.NeuronSet(dense, L, 5 if L else 0, experts=experts, expert_layout=(layers, E, I_e))
+
+
+@settings(max_examples=30, deadline=None)
+@given(ns=_moe_sets(), seed=st.integers(0, 2**16))
+def test_round_trip_and_random_baselines_property(ns, seed):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        ns.save(f"{d}/s")
+        back = lk.NeuronSet.load(f"{d}/s")
+    assert back == ns and back.expert_layout == ns.expert_layout
+    lang = ns.languages[0]
+    lay = ns.expert_layout
+    for mode in ("per_layer", "total"):
+        dense, experts = ns.random_experts_like(lang, seed, mode)
+        again = lk.NeuronSet({lang: dense}, ns.num_layers, ns.intermediate_size, experts={lang: experts},
+                             expert_layout=lay)  # the one rule: in range, unique
+        assert not again.notes  # sorted
+        assert again.total(lang) == ns.total(lang)
+        if mode == "per_layer":
+            assert torch.equal(again.expert_counts(lang), ns.expert_counts(lang))
+            assert again.layer_counts(lang) == ns.layer_counts(lang)
+        replay = ns.random_experts_like(lang, seed, mode)[1]  # deterministic for a seed
+        assert [[t.tolist() for t in r] for r in replay] == [[t.tolist() for t in r] for r in experts]
