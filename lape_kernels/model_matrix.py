@@ -7,9 +7,12 @@ Checks on a tiny fp32 model (eager attention, no dropout):
   logits    patched logits bit-identical to the unpatched model's (left padding), and ``unpatch``
             gives back exactly the original forward
   counts    ``record()`` over_zero equal to a forward hook on each MLP's activation module over
-            the non-padded tokens (left and right padding); act_sum to float tolerance
+            the non-padded tokens (left and right padding); act_sum to float tolerance. Routed
+            experts: per-expert over_zero and routed equal to an independent recomputation of each
+            expert's act(gate) over the tokens the router sent to it (``testing.expert_hook_counts``)
   training  3 AdamW steps of sparse training equal 3 steps of the paper's clone-and-scatter
-            slice training of the same neurons on the unpatched model
+            slice training of the same neurons on the unpatched model (routed experts: of expert
+            neurons, through the stacked weights, ``patch(expert_neurons=...)``)
   merge     ``merge`` returns a plain (unpatched) model whose logits are the trained ones
 Test tooling (room 7): imports the library, never imported by it.
 """
@@ -54,9 +57,6 @@ TINY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25),
     "cohere": dict(logit_scale=0.25),
 }
-#: why a mixture-of-experts type that check_model accepts is not (yet) "supported" by this matrix
-MOE_PENDING = ("accepted by check_model; the matrix has no expert checks yet (tests/moe proves mixtral, qwen2_moe, "
-               "qwen3_moe and olmoe: logits, per-expert counts)")
 #: a "tiny" model larger than this still carries full-size towers for other modalities
 MAX_TINY_PARAMETERS = 20_000_000
 
@@ -120,8 +120,8 @@ def _shrink(config: Any) -> None:
         with contextlib.suppress(Exception):  # multi-head latent attention: rotary size is head_dim,
             config.head_dim = config.qk_rope_head_dim  # and keys have every query head
             config.num_key_value_heads = config.num_attention_heads
-    for key, cur in list(vars(config).items()):  # deterministic training: no dropout anywhere
-        if isinstance(cur, float) and ("dropout" in key or "pdrop" in key):
+    for key, cur in list(vars(config).items()):  # deterministic training: no dropout or router jitter anywhere
+        if isinstance(cur, float) and ("dropout" in key or "pdrop" in key or "jitter" in key):
             setattr(config, key, 0.0)
 
 
@@ -166,6 +166,10 @@ def _init_weights(model: nn.Module, seed: int) -> None:
             module.weight.copy_(torch.randn(module.weight.shape, generator=g) / module.weight.shape[1] ** 0.5)
             if module.bias is not None:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+        for name in ("gate_up_proj", "down_proj"):  # stacked expert weights [E, out, in] (not nn.Linear)
+            w = module._parameters.get(name)
+            if w is not None and w.dim() == 3:
+                w.copy_(torch.randn(w.shape, generator=g) / w.shape[2] ** 0.5)
 
 
 def tiny_model_of_type(model_type: str, seed: int = 0) -> nn.Module:
@@ -248,7 +252,7 @@ def check_logits(model: nn.Module) -> None:
         diff = float((got - want).abs().max())
         raise AssertionError(f"patched logits differ from the unpatched model's (max |diff| {diff:.3g})")
     lk.unpatch(patched)
-    for mlp in _mlps(patched):
+    for mlp in list(_mlps(patched)) + list(_found(patched).experts):
         assert "forward" not in mlp.module.__dict__ and not hasattr(mlp.module, "_lape"), "unpatch left state"
     assert torch.equal(_logits(patched, ids, mask), want), "unpatched logits differ from the original"
 
@@ -292,21 +296,46 @@ def _hook_counts(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Tup
 
 
 def check_counts(model: nn.Module) -> None:
-    """record() equals the activation hook over non-padded tokens, left and right padding."""
+    """record() equals the activation hook over non-padded tokens, left and right padding (and,
+    for routed experts, the per-expert reference recomputation)."""
     import lape_kernels as lk
 
+    found = _found(model)
     for padding, seed in (("left", 2), ("right", 3)):
         ids, mask = _batch(padding, seed=seed)
-        want_oz, want_sum = _hook_counts(model, ids, mask)
         patched = copy.deepcopy(model)
         with lk.record(patched) as stats:
             _logits(patched, ids, mask)
         if stats.n_tokens != int(mask.sum()):
             raise AssertionError(f"{padding} padding: record counted {stats.n_tokens} tokens, mask has {int(mask.sum())}")
+        if found.experts:
+            _check_expert_counts(model, stats, ids, mask, padding)
+        if not found.mlps:
+            continue
+        want_oz, want_sum = _hook_counts(model, ids, mask)
         if not torch.equal(stats.over_zero, want_oz):
             n = int((stats.over_zero != want_oz).sum())
             raise AssertionError(f"{padding} padding: over_zero differs from the activation hook in {n} entries")
         torch.testing.assert_close(stats.act_sum, want_sum, rtol=1e-5, atol=1e-4)
+
+
+def _found(model: nn.Module):
+    from .introspection import discover
+
+    return discover(model, probe=False)
+
+
+def _check_expert_counts(model: nn.Module, stats: Any, ids: torch.Tensor, mask: torch.Tensor, padding: str) -> None:
+    from .testing import expert_hook_counts
+
+    want = expert_hook_counts(model, ids, mask)
+    ex = stats.experts
+    if not torch.equal(ex.routed, want["routed"][0]):
+        raise AssertionError(f"{padding} padding: experts.routed differs from the router's choice")
+    if not torch.equal(ex.over_zero, want["over_zero"][0]):
+        n = int((ex.over_zero != want["over_zero"][0]).sum())
+        raise AssertionError(f"{padding} padding: experts.over_zero differs from the per-expert reference in {n} entries")
+    torch.testing.assert_close(ex.act_sum, want["act_sum"][0], rtol=1e-5, atol=1e-4)
 
 
 def _slice_oracle(model: nn.Module, neurons: List[torch.Tensor]) -> Tuple[nn.Module, List[nn.Parameter]]:
@@ -352,7 +381,63 @@ def _live_neurons(model: nn.Module, k: int = 5) -> List[torch.Tensor]:
 
 def check_training(model: nn.Module) -> None:
     """Sparse training == slice training (3 AdamW steps); merge gives a plain model with the trained
-    logits."""
+    logits. Dense MLPs (a MoE model's shared experts included) and routed experts, each."""
+    found = _found(model)
+    if found.mlps:
+        _check_dense_training(model)
+    if found.experts:
+        _check_expert_training(model)
+
+
+def _check_expert_training(model: nn.Module) -> None:
+    """patch(expert_neurons=...) == slice training through the stacked weights (3 AdamW steps);
+    merge writes exactly the trained slices and gives slice training's function."""
+    import lape_kernels as lk
+    from .testing import live_expert_neurons, slice_training
+
+    base = copy.deepcopy(model)
+    ids, _ = _batch(None, seed=4, batch=2, seq=8)
+    sel = live_expert_neurons(base, ids, k=3, seed=5)
+    if not any(t.numel() for row in sel for t in row):
+        raise AssertionError("no expert neuron gets a clear gradient on the training batch")
+    oracle = copy.deepcopy(base)
+    oracle_params = slice_training(oracle, None, sel)
+    ours = lk.patch(copy.deepcopy(base), expert_neurons=sel)
+    ours.train(), oracle.train()
+    want, got = _train(oracle, oracle_params), _train(ours, lk.trainable_parameters(ours))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    if not got[-1] < got[0]:
+        raise AssertionError(f"expert training did not lower the loss: {got}")
+    oracle.eval()
+    trained = [p.detach().clone() for p in lk.trainable_parameters(ours)]
+    merged = lk.merge(ours).eval()
+    if lk.is_patched(merged) or any(".lape_" in n for n, _ in merged.named_parameters()):
+        raise AssertionError("merge did not return a plain model")
+    assert list(merged.state_dict()) == list(model.state_dict()), "merge changed the state_dict's keys"
+    params = iter(trained)
+    for x, x0, per_expert in zip(_found(merged).experts, _found(base).experts, sel):
+        if not sum(t.numel() for t in per_expert):
+            continue
+        pg, pu, pd = next(params), next(params), next(params)
+        gu, dn = x.module.gate_up_proj.detach(), x.module.down_proj.detach()
+        gu0, dn0 = x0.module.gate_up_proj.detach(), x0.module.down_proj.detach()
+        rest_gu, rest_dn, slot, inter = torch.ones(gu.shape[:2], dtype=torch.bool), \
+            torch.ones(dn.shape[0], dn.shape[2], dtype=torch.bool), 0, x.intermediate_size
+        for e, t in enumerate(per_expert):
+            k = t.numel()
+            assert torch.equal(gu[e, t], pg[slot:slot + k]) and torch.equal(gu[e, t + inter], pu[slot:slot + k]) and \
+                torch.equal(dn[e][:, t], pd[:, slot:slot + k]), "merged expert slices"
+            rest_gu[e, t], rest_gu[e, t + inter], rest_dn[e, t], slot = False, False, False, slot + k
+        assert torch.equal(gu[rest_gu], gu0[rest_gu]) and \
+            torch.equal(dn.transpose(1, 2)[rest_dn], dn0.transpose(1, 2)[rest_dn]), "merge changed other expert weights"
+    ids, mask = _batch("right", seed=6)
+    got_l, want_l = _logits(merged, ids, mask), _logits(oracle, ids, mask)
+    diff, scale = float((got_l - want_l).abs().max()), float(want_l.abs().max())
+    if diff > 1e-5 * scale:
+        raise AssertionError(f"merged logits differ from expert slice training's by {diff:.3g} (scale {scale:.3g})")
+
+
+def _check_dense_training(model: nn.Module) -> None:
     import lape_kernels as lk
 
     base = copy.deepcopy(model)
@@ -423,8 +508,6 @@ def classify(model_type: str) -> Dict[str, Any]:
         found = lk.check_model(model)
     except UnsupportedModelError as exc:
         return {"status": "refused", "reason": str(exc).replace(f"; {HOW_TO_CHECK}", "")}
-    if found.experts:  # the checks below are the dense path's
-        return {"status": "untestable", "reason": f"{found}; {MOE_PENDING}"}
     try:
         _logits(model, *_batch("left", seed=0))
     except Exception as exc:  # noqa: BLE001
