@@ -352,7 +352,10 @@ def _chunked_forward(self: nn.Module, *args: Any, **kwargs: Any):
 #: ``logit_scale``, Granite divides by ``logits_scaling``, RecurrentGemma soft-caps by ``logits_soft_cap``);
 #: the chunked loss computes CE of
 #: ``lm_head(hidden)``, so such models keep their own loss
-_LOGIT_RESCALING = ("logit_scale", "logits_scaling", "logits_soft_cap")
+#: config fields of models whose logits are not lm_head(hidden) as it is (scaled, capped, the hidden
+#: divided by a width multiplier, the vocabulary cut to an unpadded size): HF's own loss keeps them
+_LOGIT_RESCALING = ("logit_scale", "logits_scaling", "logits_soft_cap", "output_logit_soft_cap",
+                    "logits_mup_width_multiplier", "unpadded_vocab_size")
 
 
 def _applies(model: nn.Module) -> bool:

@@ -420,3 +420,19 @@ def test_vocab_blocks_compile_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0],
                                rtol=1e-5, atol=1e-7)
+
+
+def test_models_whose_logits_are_not_the_head_output_keep_hf_loss():
+    """Inkling divides the hidden state by ``logits_mup_width_multiplier`` before the head and
+    cuts the vocabulary to ``unpadded_vocab_size``: the chunked loss does not apply (HF's loss
+    stays), so patch() keeps the model's loss (it computed another one before)."""
+    from lape_kernels.model_matrix import tiny_model_of_type
+
+    model = tiny_model_of_type("inkling_text")
+    assert model.config.logits_mup_width_multiplier not in (None, 1, 1.0)
+    ids = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids).loss
+        patched = lape_kernels.patch(copy.deepcopy(model))
+        assert not has_chunked_loss(patched)
+        assert torch.equal(patched(input_ids=ids, labels=ids).loss, want)
