@@ -59,6 +59,19 @@ def _full(t: Any) -> Any:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _read_state(path: Path) -> Dict[str, Any]:
+    """``state.pt`` of a checkpoint; anything unreadable is a ValueError naming it."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of damaged files
+            warnings.simplefilter("ignore")
+            return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state: named, with its kind of failure
+        raise ValueError(f"{path / 'state.pt'}: not a checkpoint state written by lape_kernels "
+                         f"({type(exc).__name__})") from None
+
+
 def _resharded(model: nn.Module) -> None:
     """FSDP2 keeps the root's parameters unsharded after a forward (they are needed again at
     once): sharded again, every module holds its ``DTensor`` parameters."""
@@ -209,21 +222,38 @@ class DataParallel:
         run_on_main(lambda: save_checkpoint(model, opt, sched, step, {**state, "world_size": self.world}, path))
 
     def load_checkpoint(self, model: nn.Module, opt, sched, path: Path) -> Tuple[int, Dict[str, Any]]:
-        """The state :meth:`save_checkpoint` wrote, under any world size; a checkpoint of the
-        other kind (sharded FSDP2 state vs full state) is refused with the way out."""
+        """The state :meth:`save_checkpoint` wrote, under any world size and either kind: sharded
+        FSDP2 state is read into a whole model too, and a full state into an FSDP2 one."""
         from .runs import load_checkpoint
 
-        sharded = (path / SHARDED_DIR).is_dir()
-        if sharded and self.kind != "fsdp2":
-            raise ExperimentError(f"{path} holds the sharded state of a --distributed fsdp2 run; resume it under "
-                                  f"torchrun with --distributed fsdp2 (any number of processes), or pass --overwrite "
-                                  f"to start over")
-        if not sharded and self.kind == "fsdp2":
-            raise ExperimentError(f"{path} holds the full state of a one-process or --distributed ddp run; resume it "
-                                  f"that way (any number of processes), or pass --overwrite to start over")
-        if sharded:
+        if (path / SHARDED_DIR).is_dir():
             return self.load_sharded(model, opt, sched, path)
+        if self.kind == "fsdp2":
+            return self._load_full_sharded(model, opt, sched, path)
         return load_checkpoint(model, opt, sched, path)
+
+    def _load_full_sharded(self, model: nn.Module, opt, sched, path: Path) -> Tuple[int, Dict[str, Any]]:
+        """A full checkpoint (one process or DDP) into an FSDP2 model: every rank takes its shards
+        of the full tensors; the optimizer state, saved by parameter position, is named by the
+        trainable parameters' order (the optimizer's)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from ..files import load_safetensors
+        from .runs import trainable_named_parameters
+
+        tensors = load_safetensors(path / "trainable.safetensors")
+        names = [n for n, _ in trainable_named_parameters(model)]
+        if set(tensors) != set(names):
+            raise ExperimentError(f"checkpoint {path} does not match this run's trainable parameters "
+                                  f"(remove it to start over)")
+        blob = _read_state(path)
+        saved = blob["optimizer"]
+        optim = {"state": {names[int(i)]: v for i, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+        _resharded(model)
+        set_state_dict(model, [opt], model_state_dict=tensors, optim_state_dict=optim,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        return self._rest(blob, sched, path)
 
     # ------------------------------------------------------------------ the sharded checkpoint (FSDP2)
     def save_sharded(self, model: nn.Module, opt, sched, step: int, state: Dict[str, Any], path: Path) -> None:
@@ -253,7 +283,8 @@ class DataParallel:
         run_on_main(finish)
 
     def load_sharded(self, model: nn.Module, opt, sched, path: Path) -> Tuple[int, Dict[str, Any]]:
-        """Restore :meth:`save_sharded`'s state (any world size: the checkpoint is resharded)."""
+        """Restore :meth:`save_sharded`'s state into any model: FSDP2 with any world size (the
+        checkpoint is resharded), a DDP or one-process model (each reads the whole tensors)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -261,12 +292,19 @@ class DataParallel:
         dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
         set_state_dict(model, [opt], model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
-        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        return self._rest(_read_state(path), sched, path)
+
+    @staticmethod
+    def _rest(blob: Dict[str, Any], sched, path: Path) -> Tuple[int, Dict[str, Any]]:
+        """The scheduler, rank 0's RNG and the loop state of a checkpoint."""
         sched.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["rng_cpu"])
         if blob.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng_cuda"])
-        return int(blob["step"]), json.loads((path / "state.json").read_text())
+        try:
+            return int(blob["step"]), json.loads((path / "state.json").read_text())
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path / 'state.json'}: not readable JSON ({type(exc).__name__}: {exc})") from None
 
     @staticmethod
     def _sharded_state(model: nn.Module, opt) -> Dict[str, Any]:

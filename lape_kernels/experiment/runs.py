@@ -12,7 +12,8 @@ Layout (built in ``.<RUN_DIR>.partial``, renamed into place when complete)::
     neurons/        the neuron set trained (neurons/random)
     checkpoint/     (only while incomplete) trainable weights, optimizer, scheduler, RNG, step;
                     under ``--distributed fsdp2`` the weights and optimizer state are
-                    ``sharded/`` (torch.distributed.checkpoint, ``dataparallel.py``)
+                    ``sharded/`` (torch.distributed.checkpoint, ``dataparallel.py``); either
+                    kind resumes under either kind and any number of processes
 
 Under ``torchrun`` rank 0 alone writes all of it (full tensors), and ``run.json`` records
 ``world_size``, ``distributed`` and ``grad_accum``.
