@@ -102,6 +102,12 @@ def deactivate(model: torch.nn.Module, neurons: Any = None, *, expert_neurons: A
     with unsharded(model):  # FSDP2: the MLPs' full weights while they are checked
         per_layer, experts = _checked_indices(model, neurons, expert_neurons)
     was_patched = patching.is_patched(model)
+    if was_patched:  # the sparse-training forwards compute with the trained slices and deactivate nothing
+        sparse = sorted({m._lape.layer_index for m in patching.patched_mlps(model) + patching.patched_experts(model)
+                         if m._lape.sparse is not None})
+        if sparse:
+            raise RuntimeError(f"deactivate: layers {sparse} run the sparse-training forward (trainable neurons), which "
+                               "deactivates nothing; merge the trained neurons first (lape_kernels.merge) or unpatch")
     if not was_patched:
         patching.patch_mlps(model)
     try:

@@ -71,10 +71,12 @@ class _Recorder:
         self.body_position = len(self.observed) - 1
         self.mlps = patching.patched_mlps(model)
         patching.check_no_mlp_adapters(model, "record()", self.mlps)
-        sparse = [m._lape.layer_index for m in self.mlps if m._lape.sparse is not None]
+        sparse = sorted({m._lape.layer_index for m in self.mlps + patching.patched_experts(model)
+                         if m._lape.sparse is not None})
         if sparse:
             raise RuntimeError(
-                f"record(): layers {sparse} run the sparse-training forward, which does not count; "
+                f"record(): layers {sparse} run the sparse-training forward (dense or expert neurons), which does not "
+                "count; "
                 "merge or unpatch the trained neurons first"
             )
         self.languages = languages

@@ -158,6 +158,22 @@ def test_unfrozen_stacked_weights_are_rejected():
         model(input_ids=batch()[0])
 
 
+def test_record_and_deactivate_refuse_a_model_training_expert_neurons():
+    """The sparse experts forward neither counts nor deactivates: record() and deactivate() say
+    so instead of returning zeros / changing nothing."""
+    model = lk.patch(tiny_model("mixtral", num_layers=2), expert_neurons=GOOD)
+    with pytest.raises(RuntimeError, match=r"record\(\): layers \[0, 1\] run the sparse-training forward"):
+        with lk.record(model):
+            model(input_ids=batch()[0])
+    with pytest.raises(RuntimeError, match=r"deactivate: layers \[0, 1\] run the sparse-training forward"):
+        with lk.deactivate(model, expert_neurons=GOOD):
+            pass
+    dense = lk.patch(tiny_model("llama", num_layers=2), neurons=random_neurons(2, 128, 3))
+    with pytest.raises(RuntimeError, match=r"deactivate: layers \[0, 1\] run the sparse-training forward"):
+        with lk.deactivate(dense, random_neurons(2, 128, 2)):
+            pass
+
+
 # ----------------------------------------------------------------------------- exactness
 
 
