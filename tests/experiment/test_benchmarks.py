@@ -44,3 +44,16 @@ def test_bench_collect_runs_and_counts_match(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "results.md").read_text()
     assert "hooks/record " in md and "hooks/record-gemm " in md
+
+
+def test_bench_moe_train_runs_both_configurations(tmp_path):
+    out = _run(["benchmarks/bench_moe_train.py", "--layers", "2", "--hidden", "64", "--experts", "4", "--inter", "32",
+                "--topk", "2", "--seq", "16", "--steps", "1", "--warmup", "1", "--out", str(tmp_path / "r.json")],
+               tmp_path)
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    paper, ours = results
+    assert [r["config"] for r in results] == ["paper", "ours"]
+    assert ours["trainable"] == paper["trainable"] > 0
+    # the same slices trained from the same start: the same first loss (fp32 summation order aside)
+    assert abs(ours["loss_first"] - paper["loss_first"]) <= 1e-5 * abs(paper["loss_first"])
+    assert "ours / paper: step time x" in out
