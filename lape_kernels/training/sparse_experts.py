@@ -224,7 +224,11 @@ class _SparseFFN:
 
     def grouped(self, experts, rows, row_expert, offsets, row_token):
         ends = offsets.tolist()  # one host sync, as transformers' own grouped fallback
-        return self._run(experts, rows, [b - a for a, b in zip([0] + ends[:-1], ends)])
+        counts = [b - a for a, b in zip([0] + ends[:-1], ends)]
+        # grouped_mm is not autocast-enabled: transformers casts the rows to the weights' dtype and
+        # runs the experts in it under autocast too; so do we
+        with torch.autocast(rows.device.type, enabled=False):
+            return self._run(experts, rows.to(experts.gate_up_proj.dtype), counts)
 
     def batched(self, experts, rows, row_expert, row_token):
         order = torch.sort(row_expert, stable=True).indices

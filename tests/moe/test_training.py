@@ -245,6 +245,38 @@ def test_shared_experts_and_routed_experts_together():
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_autocast_bf16_matches_slice_training_bit_for_bit(impl):
+    """fp32 model under CPU bf16 autocast: eager experts run their GEMMs in bf16 (F.linear is
+    autocast), grouped_mm experts in the weights' dtype (transformers casts the rows; grouped_mm is
+    not autocast): the sparse experts follow each, so the losses are slice training's bit for bit
+    (intermediate 128, as the bf16 test: the CPU bf16 GEMM and our fp32 block sums then agree)."""
+    base = tiny_model("qwen3_moe", num_layers=2, intermediate=128, experts_implementation=impl)
+    ids, labels = batch()
+    sel = random_expert_neurons(2, E, 128, 4, seed=0)
+    oracle = copy.deepcopy(base)
+    oracle_params = slice_training(oracle, None, sel)
+    ours = lk.patch(copy.deepcopy(base), expert_neurons=sel, chunked_loss=False)
+    ours.train(), oracle.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = adamw_steps(oracle, oracle_params, ids, labels, steps=2)
+        got = adamw_steps(ours, lk.trainable_parameters(ours), ids, labels, steps=2)
+    assert got == want
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    base = tiny_model("mixtral", num_layers=2)
+    ids, labels = batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = lk.patch(copy.deepcopy(base), expert_neurons=GOOD).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, labels=labels).loss.backward()
+        grads.append([p.grad for p in lk.trainable_parameters(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("recompute", ["up", "gate_up"])
 def test_recompute_gives_the_same_gradients(recompute):
     base = tiny_model("olmoe", num_layers=2)
