@@ -36,6 +36,9 @@ WEIGHTS_NAME = "lape_neurons.safetensors"
 CONFIG_NAME = "lape_config.json"
 FORMAT = "lape_neurons"
 FORMAT_VERSION = 1
+#: directories with expert slices are written as version 2: a reader of version 1 only refuses them
+#: (it would otherwise load the dense slices and report the expert ones as unexpected tensors)
+FORMAT_VERSION_EXPERTS = 2
 
 _KEYS = {"index": INDEX_NAME, "gate_rows": PARAM_NAMES[0], "up_rows": PARAM_NAMES[1], "down_cols": PARAM_NAMES[2]}
 
@@ -100,7 +103,7 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
         dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     config = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if experts_config is None else FORMAT_VERSION_EXPERTS,
         **info,
         "model_fingerprint": model_fingerprint(model),
         "dtype": dtype_name(dtype),
@@ -110,7 +113,7 @@ def save_neurons(model: nn.Module, path: Union[str, Path]) -> Path:
     }
     if experts_config is not None:
         config["experts"] = experts_config
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT, "format_version": str(config["format_version"])})
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return path
 
@@ -128,8 +131,13 @@ def _read(path: Path):
         raise NeuronFileError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise NeuronFileError(f"{cfg_path}: not a lape_neurons config (format={config.get('format') if isinstance(config, dict) else None!r})")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise NeuronFileError(f"{cfg_path}: format_version {config.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+    if config.get("format_version") not in (FORMAT_VERSION, FORMAT_VERSION_EXPERTS):
+        raise NeuronFileError(f"{cfg_path}: format_version {config.get('format_version')!r}, this version reads "
+                              f"{FORMAT_VERSION} and {FORMAT_VERSION_EXPERTS} (expert neurons)")
+    if (config.get("format_version") == FORMAT_VERSION_EXPERTS) != ("experts" in config):
+        raise NeuronFileError(f"{cfg_path}: format_version {config['format_version']} "
+                              f"{'with' if 'experts' in config else 'without'} an 'experts' entry "
+                              f"(expert slices are format_version {FORMAT_VERSION_EXPERTS})")
     for key in ("model_type", "num_layers", "hidden_size", "intermediate_size", "counts", "dtype"):
         if key not in config:
             raise NeuronFileError(f"{cfg_path}: missing {key!r}")

@@ -352,6 +352,7 @@ def test_save_load_merge_carry_the_expert_slices(tmp_path):
     config = json.loads((tmp_path / "n" / "lape_config.json").read_text())
     assert config["experts"]["counts"] == [[3] * E, [0] * E] and config["total_neurons"] == 6 + 12
     assert config["experts"]["layers"] == [0, 1] and config["language"] is None
+    assert config["format_version"] == 2  # a reader of the dense-only version 1 refuses it
     model.eval()
     with torch.no_grad():
         want = model(input_ids=ids).logits
@@ -403,6 +404,11 @@ def test_load_errors_name_the_file_and_the_cause(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"experts 'counts' must list 2 lists of 4 ints"):
         lk.load_neurons(copy.deepcopy(base), tmp_path / "n")
+    config["format_version"] = 1
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(NeuronFileError, match="format_version 1 with an 'experts' entry"):
+        lk.load_neurons(copy.deepcopy(base), tmp_path / "n")
+    config["format_version"] = 2
     config["experts"]["num_experts"] = 8
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="experts num_experts mismatch: file has 8, model has 4"):
