@@ -380,8 +380,9 @@ def _train(job: _Job) -> Dict[str, Any]:
 
     summary = run_on_main(finish)  # rank 0 writes; every rank returns its summary
     best = job.state["best"]
+    procs = f", {dp.world} processes ({dp.kind})" if dp.world > 1 else ""
     _say(cfg, f"{cfg.method}: {steps} steps, best val ppl {best['val_ppl']:.3f} "
-              f"(step {best['step']}), {summary['tokens_per_s']:.0f} tok/s -> {job.out}", dp.main)
+              f"(step {best['step']}), {summary['tokens_per_s']:.0f} tok/s{procs} -> {job.out}", dp.main)
     return summary
 
 

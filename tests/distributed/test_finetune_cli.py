@@ -133,6 +133,7 @@ def test_two_processes_ddp_train_the_one_process_neurons(toy, neurons, one_proce
     out = tmp_path / "run"
     p = two(args(toy, neurons, out))
     assert p.stdout.splitlines()[-1] == str(out) and p.stdout.count(str(out)) == 1  # printed once: rank 0's
+    assert "tok/s, 2 processes (ddp) -> " in p.stderr and "error" not in p.stderr
     assert moved(one_process("neurons"), toy[0]) > 1e-3
     same_run(out, one_process("neurons"), world=2)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["run"]  # no partial, lock or temporary left
