@@ -347,10 +347,16 @@ def _slice_oracle(model: nn.Module, neurons: List[torch.Tensor]) -> Tuple[nn.Mod
     return oracle, slice_training(oracle, neurons)
 
 
-def _train(model: nn.Module, params: List[nn.Parameter], steps: int = 3) -> List[float]:
+def _train_batch() -> Tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of the training checks (and of their live-neuron probes)."""
     ids, _ = _batch(None, seed=4, batch=2, seq=8)
     labels = ids.clone()
     labels[0, :2] = -100
+    return ids, labels
+
+
+def _train(model: nn.Module, params: List[nn.Parameter], steps: int = 3) -> List[float]:
+    ids, labels = _train_batch()
     from .testing import adamw_steps
 
     return adamw_steps(model, params, ids, labels, steps=steps)
@@ -360,8 +366,8 @@ def _live_neurons(model: nn.Module, k: int = 5) -> List[torch.Tensor]:
     """k neurons per layer whose gate, up and down weights all get a clear gradient (a dead
     neuron's AdamW update is float noise on which two exact methods may disagree)."""
     probe = copy.deepcopy(model)
-    ids, _ = _batch(None, seed=4, batch=2, seq=8)
-    probe(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    ids, labels = _train_batch()  # the training batch itself: a neuron live there is live in step 1
+    probe(input_ids=ids, labels=labels, use_cache=False).loss.backward()
     g = torch.Generator().manual_seed(5)
     out = []
     for m in _mlps(probe):
@@ -396,8 +402,8 @@ def _check_expert_training(model: nn.Module) -> None:
     from .testing import live_expert_neurons, slice_training
 
     base = copy.deepcopy(model)
-    ids, _ = _batch(None, seed=4, batch=2, seq=8)
-    sel = live_expert_neurons(base, ids, k=3, seed=5)
+    ids, labels = _train_batch()
+    sel = live_expert_neurons(base, ids, k=3, seed=5, labels=labels)
     if not any(t.numel() for row in sel for t in row):
         raise AssertionError("no expert neuron gets a clear gradient on the training batch")
     oracle = copy.deepcopy(base)

@@ -85,9 +85,11 @@ def random_expert_neurons(num_moe_layers: int, num_experts: int, intermediate: i
             for _ in range(num_moe_layers)]
 
 
-def live_expert_neurons(model: nn.Module, input_ids: torch.Tensor, k: int, seed: int = 0) -> List[List[torch.Tensor]]:
+def live_expert_neurons(model: nn.Module, input_ids: torch.Tensor, k: int, seed: int = 0,
+                        labels: Optional[torch.Tensor] = None) -> List[List[torch.Tensor]]:
     """Per MoE layer and expert, up to ``k`` random neurons whose gate row, up row and down column
-    all get a clear gradient from a next-token loss on ``input_ids`` (a "dead" or unrouted
+    all get a clear gradient from a next-token loss on ``input_ids`` (``labels``: the training
+    batch's, default ``input_ids``) (a "dead" or unrouted
     neuron's AdamW update is float noise on which two exact methods may disagree; LAPE selects
     active neurons). Sorted int64, from one seeded generator."""
     probe = copy.deepcopy(model)
@@ -97,7 +99,7 @@ def live_expert_neurons(model: nn.Module, input_ids: torch.Tensor, k: int, seed:
     for x in experts:
         x.module.gate_up_proj.requires_grad_(True)
         x.module.down_proj.requires_grad_(True)
-    probe(input_ids=input_ids, labels=input_ids).loss.backward()
+    probe(input_ids=input_ids, labels=input_ids if labels is None else labels).loss.backward()
     g = torch.Generator().manual_seed(seed)
     out = []
     for x in experts:
