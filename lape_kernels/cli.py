@@ -113,6 +113,8 @@ def _run_launched(command: str, cfg: Any) -> int:
             return _run(command, cfg)
         with distributed.launched(parse_device(cfg.device)):
             return _run(command, cfg) if distributed.is_main() else _quiet(lambda: _run(command, cfg))
+    except distributed.StoppedWithMain:
+        return 1  # rank 0 printed the reason: one line for the job, not one per process
     except distributed.DistributedError as exc:
         raise ExperimentError(str(exc)) from None
 

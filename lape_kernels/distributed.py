@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
-__all__ = ["LAUNCH_VARIABLES", "DistributedError", "Launch", "launch_env", "launched", "is_initialized", "rank",
+__all__ = ["LAUNCH_VARIABLES", "DistributedError", "StoppedWithMain", "Launch", "launch_env", "launched", "is_initialized", "rank",
            "world_size", "local_rank", "is_main", "barrier", "all_reduce_sum", "check_same_everywhere",
            "device_for", "broadcast_object", "run_on_main", "main_first", "name_hash"]
 
@@ -29,6 +29,11 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
 
 class DistributedError(RuntimeError):
     """A launch or a collective that cannot work; the message is one line saying why and what to do."""
+
+
+class StoppedWithMain(DistributedError):
+    """Raised on ranks other than 0 when rank 0's part of :func:`run_on_main` failed: rank 0
+    reports the reason itself, so a command line prints it once (rank 0's line), not once per process."""
 
 
 class Launch:
@@ -203,7 +208,7 @@ def run_on_main(work: Callable[[], Any], group=None) -> Any:
         return result
     status, value = broadcast_object(None, group)
     if status == "error":
-        raise DistributedError(f"stopped with rank 0: {value}")
+        raise StoppedWithMain(f"stopped with rank 0: {value}")
     return value
 
 

@@ -97,7 +97,8 @@ class DataParallel:
     @classmethod
     def for_run(cls, batch_size: int, grad_accum: int, kind: str) -> "DataParallel":
         world = distributed.world_size()
-        micro = split_batch(batch_size, world, grad_accum)
+        # rank 0 says it (every rank would reach the same error: one line, not one per process)
+        micro = run_on_main(lambda: split_batch(batch_size, world, grad_accum))
         return cls(kind if distributed.is_initialized() else None, distributed.rank(), world, grad_accum, micro)
 
     @property

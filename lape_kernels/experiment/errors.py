@@ -66,5 +66,6 @@ def run_reporting(prog: str, work: Callable[[], int]) -> int:
         if os.environ.get("LAPE_KERNELS_DEBUG"):
             raise
         code = exc.exit_code if isinstance(exc, Interrupted) else 1
-        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: error: {one_line(exc)}\n")  # one write: lines of processes never interleave
+        sys.stderr.flush()
         return code
