@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from lape_kernels.testing import TINY_FAMILIES
 
@@ -23,3 +25,21 @@ def over_families_dtypes_paddings(paddings: Sequence) -> Callable:
         return pytest.mark.parametrize("padding", list(paddings))(test)
 
     return decorate
+
+
+class WeightShapeSpy(TorchDispatchMode):
+    """Records every op output that has one of ``shapes`` (a weight's) or at least ``min_numel``
+    elements and is not the storage of an existing tensor (``known``: storage data pointers):
+    the proof that a training step allocates no tensor of a frozen weight's shape."""
+
+    def __init__(self, shapes, min_numel: int, known) -> None:
+        super().__init__()
+        self.shapes, self.min_numel, self.known, self.hits = {tuple(s) for s in shapes}, min_numel, known, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and (tuple(t.shape) in self.shapes or t.numel() >= self.min_numel):
+                if t.untyped_storage().data_ptr() not in self.known:
+                    self.hits.append((str(func), tuple(t.shape)))
+        return out

@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from helpers import WeightShapeSpy
 
 import lape_kernels as lk
 from lape_kernels import patching
@@ -292,23 +291,6 @@ def test_recompute_gives_the_same_gradients(recompute):
 # ----------------------------------------------------------------------------- memory
 
 
-class _ExpertWeightSpy(TorchDispatchMode):
-    """Records every op output of an expert weight's shape ([E, 2I, H], [E, H, I] or one expert's
-    [2I, H], [I, H], [H, I]) or at least one expert's size, that is not a parameter's storage."""
-
-    def __init__(self, shapes, min_numel, known):
-        super().__init__()
-        self.shapes, self.min_numel, self.known, self.hits = {tuple(s) for s in shapes}, min_numel, known, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and (tuple(t.shape) in self.shapes or t.numel() >= self.min_numel):
-                if t.untyped_storage().data_ptr() not in self.known:
-                    self.hits.append((str(func), tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
 def test_no_expert_weight_shaped_tensor_is_created(impl):
     inter = 64  # I * H = 4096 > every activation of the step (logits of 14 tokens: 3584)
@@ -316,7 +298,7 @@ def test_no_expert_weight_shaped_tensor_is_created(impl):
     lk.patch(model, expert_neurons=random_expert_neurons(2, E, inter, 5)).train()
     ids = random_batch(2, 7, seed=4)[0]
     known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    spy = _ExpertWeightSpy([(E, 2 * inter, H), (E, H, inter), (2 * inter, H), (inter, H), (H, inter)], inter * H, known)
+    spy = WeightShapeSpy([(E, 2 * inter, H), (E, H, inter), (2 * inter, H), (inter, H), (H, inter)], inter * H, known)
     with spy:
         model(input_ids=ids, labels=ids).loss.backward()
     assert spy.hits == []
@@ -330,7 +312,7 @@ def test_the_spy_catches_slice_training():
     params = slice_training(model, None, random_expert_neurons(2, E, inter, 5))
     ids = random_batch(2, 7, seed=4)[0]
     known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    spy = _ExpertWeightSpy([(E, 2 * inter, H), (E, H, inter), (2 * inter, H), (inter, H), (H, inter)], inter * H, known)
+    spy = WeightShapeSpy([(E, 2 * inter, H), (E, H, inter), (2 * inter, H), (inter, H), (H, inter)], inter * H, known)
     with spy:
         model(input_ids=ids, labels=ids).loss.backward()
     assert params[0].grad is not None and any(shape == (E, 2 * inter, H) for _, shape in spy.hits)

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import WeightShapeSpy
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import lape_kernels
 from lape_kernels import patching
@@ -257,30 +257,10 @@ def test_bf16_training_is_bit_identical_to_slice_training(family):
 # ----------------------------------------------------------------------------- (3) memory
 
 
-class _WeightShapeSpy(TorchDispatchMode):
-    """Records every op output that has a weight's shape (or at least a weight's size) and is not
-    a view of an existing parameter."""
-
-    def __init__(self, shapes, min_numel, known_storages):
-        super().__init__()
-        self.shapes = {tuple(s) for s in shapes}
-        self.min_numel = min_numel
-        self.known = known_storages
-        self.hits = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and (tuple(t.shape) in self.shapes or t.numel() >= self.min_numel):
-                if t.untyped_storage().data_ptr() not in self.known:
-                    self.hits.append((str(func), tuple(t.shape)))
-        return out
-
-
 def _spy_step(model, ids, labels):
     known = {p.untyped_storage().data_ptr() for p in model.parameters()}
     known |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    spy = _WeightShapeSpy([(I, H), (H, I), (2 * I, H)], I * H, known)
+    spy = WeightShapeSpy([(I, H), (H, I), (2 * I, H)], I * H, known)
     with spy:
         model(ids, labels=labels).loss.backward()
     return spy.hits
