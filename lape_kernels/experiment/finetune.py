@@ -131,7 +131,8 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     another command's output without ``overwrite``); a finished run of the same settings is
     reused, and a checkpoint resumed, only when the recorded inputs (text digests, the model's
     fingerprint, the neurons) are the ones read now."""
-    identity, digest, selection = settings_hash(cfg)
+    # rank 0 reads the neuron set first: a bad one is its one line, not one per process
+    identity, digest, selection = main_first(lambda: settings_hash(cfg))
     dp = DataParallel.for_run(cfg.batch_size, cfg.grad_accum, cfg.distributed)  # the split checked before any work
     if dp.kind is None and cfg.distributed != "ddp":
         warn(f"--distributed {cfg.distributed} applies to a torchrun launch; this is one process", cfg.quiet)

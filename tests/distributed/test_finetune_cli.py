@@ -119,6 +119,16 @@ def test_batch_that_does_not_split_is_one_clear_line_before_any_work(toy, neuron
     assert list(tmp_path.iterdir()) == []  # no output, partial run or lock
 
 
+def test_a_missing_neuron_set_is_one_line_for_the_job(toy, neurons, tmp_path):
+    """Every rank would reach the same error: rank 0 says it once, the other rank stops silently."""
+    out = tmp_path / "run"
+    p = dist_launch.run(2, list(map(str, args(toy, tmp_path / "nothere", out, "neurons"))))
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert errors == [f"lape-kernels finetune: error: --neurons {tmp_path / 'nothere'}: no such neuron set"], p.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_grad_accum_that_does_not_split_in_one_process(toy, neurons, tmp_path, capsys):
     from lape_kernels.cli import main
 
