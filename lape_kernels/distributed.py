@@ -51,12 +51,14 @@ class Launch:
 
 
 def launch_env(environ: Optional[Mapping[str, str]] = None) -> Optional[Launch]:
-    """The launch described by ``environ`` (default ``os.environ``): None when none of
-    :data:`LAUNCH_VARIABLES` is set; :class:`DistributedError` when only some are, or a value is
+    """The launch described by ``environ`` (default ``os.environ``): None when none of ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK`` is set (``MASTER_ADDR``/``MASTER_PORT`` alone describe no
+    processes: ``accelerate launch`` sets them for its one-process launcher, a shell may export
+    them); :class:`DistributedError` when only some of :data:`LAUNCH_VARIABLES` are, or a value is
     not a valid number."""
     env = os.environ if environ is None else environ
     present = {k: env[k] for k in LAUNCH_VARIABLES if env.get(k, "") != ""}
-    if not present:
+    if not any(k in present for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return None
     missing = [k for k in LAUNCH_VARIABLES if k not in present]
     if missing:

@@ -45,6 +45,11 @@ def test_half_set_environment_is_one_clear_line(drop):
         distributed.launch_env(env)
 
 
+def test_master_address_alone_is_one_process():
+    """accelerate's one-process launcher (``accelerate launch --cpu``) sets MASTER_ADDR/PORT only."""
+    assert distributed.launch_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}) is None
+
+
 @pytest.mark.parametrize("bad, match", [({"RANK": "x"}, "RANK='x' is not an integer"),
                                         ({"RANK": "2"}, "RANK=2 WORLD_SIZE=2 LOCAL_RANK=0 is not a valid rank"),
                                         ({"WORLD_SIZE": "0"}, "is not a valid rank")])
