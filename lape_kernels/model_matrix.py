@@ -395,6 +395,37 @@ def check_training(model: nn.Module) -> None:
         _check_expert_training(model)
 
 
+def _train_and_merge(model: nn.Module, ours: nn.Module, oracle: nn.Module, oracle_params: List[nn.Parameter],
+                     what: str) -> Tuple[List[torch.Tensor], nn.Module]:
+    """3 AdamW steps of ``ours`` (patched) and of the slice-training ``oracle``: the same losses,
+    falling; then ``merge(ours)``, which must be a plain model with ``model``'s state_dict keys.
+    Returns (the trained small parameters, the merged model)."""
+    import lape_kernels as lk
+
+    ours.train(), oracle.train()
+    want, got = _train(oracle, oracle_params), _train(ours, lk.trainable_parameters(ours))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    if not got[-1] < got[0]:
+        raise AssertionError(f"{what} did not lower the loss: {got}")
+    oracle.eval()
+    trained = [p.detach().clone() for p in lk.trainable_parameters(ours)]
+    merged = lk.merge(ours).eval()
+    if lk.is_patched(merged) or any(n.startswith("lape_") or ".lape_" in n for n, _ in merged.named_parameters()):
+        raise AssertionError("merge did not return a plain model")
+    assert list(merged.state_dict()) == list(model.state_dict()), "merge changed the state_dict's keys"
+    return trained, merged
+
+
+def _check_merged_function(merged: nn.Module, oracle: nn.Module, what: str) -> None:
+    """The trained function: the merged plain model against the oracle's (fp32 summation order
+    differs between small slice matmuls and dense ones: relative, not bitwise)."""
+    ids, mask = _batch("right", seed=6)
+    got, want = _logits(merged, ids, mask), _logits(oracle, ids, mask)
+    diff, scale = float((got - want).abs().max()), float(want.abs().max())
+    if diff > 1e-5 * scale:
+        raise AssertionError(f"merged logits differ from {what}'s by {diff:.3g} (scale {scale:.3g})")
+
+
 def _check_expert_training(model: nn.Module) -> None:
     """patch(expert_neurons=...) == slice training through the stacked weights (3 AdamW steps);
     merge writes exactly the trained slices and gives slice training's function."""
@@ -409,17 +440,7 @@ def _check_expert_training(model: nn.Module) -> None:
     oracle = copy.deepcopy(base)
     oracle_params = slice_training(oracle, None, sel)
     ours = lk.patch(copy.deepcopy(base), expert_neurons=sel)
-    ours.train(), oracle.train()
-    want, got = _train(oracle, oracle_params), _train(ours, lk.trainable_parameters(ours))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
-    if not got[-1] < got[0]:
-        raise AssertionError(f"expert training did not lower the loss: {got}")
-    oracle.eval()
-    trained = [p.detach().clone() for p in lk.trainable_parameters(ours)]
-    merged = lk.merge(ours).eval()
-    if lk.is_patched(merged) or any(".lape_" in n for n, _ in merged.named_parameters()):
-        raise AssertionError("merge did not return a plain model")
-    assert list(merged.state_dict()) == list(model.state_dict()), "merge changed the state_dict's keys"
+    trained, merged = _train_and_merge(model, ours, oracle, oracle_params, "expert training")
     params = iter(trained)
     for x, x0, per_expert in zip(_found(merged).experts, _found(base).experts, sel):
         if not sum(t.numel() for t in per_expert):
@@ -436,11 +457,7 @@ def _check_expert_training(model: nn.Module) -> None:
             rest_gu[e, t], rest_gu[e, t + inter], rest_dn[e, t], slot = False, False, False, slot + k
         assert torch.equal(gu[rest_gu], gu0[rest_gu]) and \
             torch.equal(dn.transpose(1, 2)[rest_dn], dn0.transpose(1, 2)[rest_dn]), "merge changed other expert weights"
-    ids, mask = _batch("right", seed=6)
-    got_l, want_l = _logits(merged, ids, mask), _logits(oracle, ids, mask)
-    diff, scale = float((got_l - want_l).abs().max()), float(want_l.abs().max())
-    if diff > 1e-5 * scale:
-        raise AssertionError(f"merged logits differ from expert slice training's by {diff:.3g} (scale {scale:.3g})")
+    _check_merged_function(merged, oracle, "expert slice training")
 
 
 def _check_dense_training(model: nn.Module) -> None:
@@ -450,18 +467,7 @@ def _check_dense_training(model: nn.Module) -> None:
     neurons = _live_neurons(base)
     oracle, oracle_params = _slice_oracle(base, neurons)
     ours = lk.patch(copy.deepcopy(base), neurons=neurons)
-    ours.train(), oracle.train()
-    want = _train(oracle, oracle_params)
-    got = _train(ours, lk.trainable_parameters(ours))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
-    if not got[-1] < got[0]:
-        raise AssertionError(f"training did not lower the loss: {got}")
-    oracle.eval()
-    trained = [p.detach().clone() for p in lk.trainable_parameters(ours)]
-    merged = lk.merge(ours).eval()
-    if lk.is_patched(merged) or any(n.startswith("lape_") or ".lape_" in n for n, _ in merged.named_parameters()):
-        raise AssertionError("merge did not return a plain model")
-    assert list(merged.state_dict()) == list(model.state_dict()), "merge changed the state_dict's keys"
+    trained, merged = _train_and_merge(model, ours, oracle, oracle_params, "training")
     # exactly the trained slices written into the selected rows/columns, nothing else changed
     for m, b, sel, (pg, pu, pd) in zip(_mlps(merged), _mlps(base), neurons, zip(*[iter(trained)] * 3)):
         (wg, wu, wd), (bg, bu, bd) = m.family.weights(m.module), b.family.weights(b.module)
@@ -469,13 +475,7 @@ def _check_dense_training(model: nn.Module) -> None:
         rest[sel] = False
         assert torch.equal(wg[sel], pg) and torch.equal(wu[sel], pu) and torch.equal(wd[:, sel], pd), "merged slices"
         assert torch.equal(wg[rest], bg[rest]) and torch.equal(wu[rest], bu[rest]) and torch.equal(wd[:, rest], bd[:, rest])
-    # the trained function: the merged plain model against slice training (fp32 summation order
-    # differs between 4 small matmuls and 2 dense ones: relative, not bitwise)
-    ids, mask = _batch("right", seed=6)
-    got, want = _logits(merged, ids, mask), _logits(oracle, ids, mask)
-    diff, scale = float((got - want).abs().max()), float(want.abs().max())
-    if diff > 1e-5 * scale:
-        raise AssertionError(f"merged logits differ from slice training's by {diff:.3g} (scale {scale:.3g})")
+    _check_merged_function(merged, oracle, "slice training")
 
 
 CHECKS: Dict[str, Callable[[nn.Module], None]] = {
