@@ -138,24 +138,32 @@ def expert_tensors(k: int, neurons: PerExpert) -> Dict[str, torch.Tensor]:
     return {f"experts.indices.{k}": torch.cat(flat).contiguous(), f"experts.offsets.{k}": torch.cumsum(counts, 0)}
 
 
-def read_expert_tensors(get: Any, keys: set, k: int, lang: str, layout: ExpertLayout, where: str,
-                        error: type = ValueError) -> PerExpert:
-    """The inverse of ``expert_tensors`` (``get(name)`` reads a tensor); a malformed table is an
-    ``error`` naming ``where``."""
-    ik, ok = f"experts.indices.{k}", f"experts.offsets.{k}"
+def read_offset_table(get: Any, keys: set, ik: str, ok: str, rows: int, rows_text: str, lang: str, where: str,
+                      error: type = ValueError) -> List[torch.Tensor]:
+    """``rows`` index tensors stored flat as ``ik`` (1-D) with the offset table ``ok`` (int64
+    ``[rows + 1]``), the format of neuron-set files for dense and expert neurons alike; a missing
+    or malformed table is an ``error`` naming ``where`` and the cause."""
     if ik not in keys or ok not in keys:
         raise error(f"{where}: missing {ik!r}/{ok!r} for language {lang!r}")
     indices, offsets = get(ik), get(ok)
-    M, E = len(layout.layers), layout.num_experts
-    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() != M * E + 1:
-        raise error(f"{where}: {ok} must be int64 [moe layers * experts + 1 = {M * E + 1}], "
-                         f"got {offsets.dtype} {tuple(offsets.shape)}")
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() != rows + 1:
+        raise error(f"{where}: {ok} must be int64 [{rows_text} + 1 = {rows + 1}], "
+                    f"got {offsets.dtype} {tuple(offsets.shape)}")
     if indices.dim() != 1:
         raise error(f"{where}: {ik} must be 1-D, got {tuple(indices.shape)}")
     counts = offsets[1:] - offsets[:-1]
     if int(offsets[0]) != 0 or int(offsets[-1]) != indices.numel() or bool((counts < 0).any()):
         raise error(f"{where}: {ok} is not a valid offset table for {indices.numel()} indices")
-    flat = [t.clone() for t in torch.split(indices, counts.tolist())]
+    return [t.clone() for t in torch.split(indices, counts.tolist())]
+
+
+def read_expert_tensors(get: Any, keys: set, k: int, lang: str, layout: ExpertLayout, where: str,
+                        error: type = ValueError) -> PerExpert:
+    """The inverse of ``expert_tensors`` (``get(name)`` reads a tensor); a malformed table is an
+    ``error`` naming ``where``."""
+    M, E = len(layout.layers), layout.num_experts
+    flat = read_offset_table(get, keys, f"experts.indices.{k}", f"experts.offsets.{k}", M * E,
+                             "moe layers * experts", lang, where, error)
     return [flat[m * E:(m + 1) * E] for m in range(M)]
 
 

@@ -22,7 +22,7 @@ from ..fingerprint import check_model, describe_model, model_fingerprint, model_
 from ..introspection import expert_shape, mlp_shape, model_shape
 from ..languages import check_languages
 from .indices import (ExpertLayout, PerExpert, check_expert_indices, check_layer_indices, expert_tensors,
-                      layout_of, random_units, read_expert_tensors)
+                      layout_of, random_units, read_expert_tensors, read_offset_table)
 from .reference_file import NeuronSetFormatError, read_reference
 
 __all__ = ["NeuronSet", "NeuronSetFormatError", "PerLayer", "PerExpert", "ExpertLayout", "check_layer_indices"]
@@ -531,20 +531,8 @@ class NeuronSet:
             with open_safetensors(tensors_path, NeuronSetFormatError) as fh:
                 keys = set(fh.keys())
                 for k, lang in enumerate(languages):
-                    ik, ok = f"indices.{k}", f"offsets.{k}"
-                    if ik not in keys or ok not in keys:
-                        raise NeuronSetFormatError(f"{tensors_path}: missing {ik!r}/{ok!r} for language {lang!r}")
-                    indices, offsets = fh.get_tensor(ik), fh.get_tensor(ok)
-                    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() != num_layers + 1:
-                        raise NeuronSetFormatError(f"{tensors_path}: {ok} must be int64 [num_layers + 1 = {num_layers + 1}], "
-                                                   f"got {offsets.dtype} {tuple(offsets.shape)}")
-                    if indices.dim() != 1:
-                        raise NeuronSetFormatError(f"{tensors_path}: {ik} must be 1-D, got {tuple(indices.shape)}")
-                    counts = offsets[1:] - offsets[:-1]
-                    if int(offsets[0]) != 0 or int(offsets[-1]) != indices.numel() or bool((counts < 0).any()):
-                        raise NeuronSetFormatError(f"{tensors_path}: {ok} is not a valid offset table for "
-                                                   f"{indices.numel()} indices")
-                    sets[str(lang)] = [t.clone() for t in torch.split(indices, counts.tolist())]
+                    sets[str(lang)] = read_offset_table(fh.get_tensor, keys, f"indices.{k}", f"offsets.{k}", num_layers,
+                                                        "num_layers", lang, str(tensors_path), NeuronSetFormatError)
                     if layout is not None:
                         experts[str(lang)] = read_expert_tensors(fh.get_tensor, keys, k, lang, layout, str(tensors_path),
                                                                  NeuronSetFormatError)
